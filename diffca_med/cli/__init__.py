@@ -1,0 +1,1 @@
+"""The ``diffca-med`` command line: argument parsing and messages only."""
