@@ -82,15 +82,6 @@ def test_inpainting_metrics_normalise_with_voided_input_percentiles():
     assert out["psnr"] == pytest.approx(20.0)
 
 
-def test_dilate_mask_disc():
-    m = np.zeros((1, 9, 9), bool)
-    m[0, 4, 4] = True
-    d = M.dilate_mask(m, 2)
-    assert d.sum() == 13  # disc of radius 2: 1 + 4 + 8
-    assert d[0, 4, 2] and not d[0, 2, 2]
-    assert (M.dilate_mask(m, 0) == m).all()
-
-
 def test_dice_formula():
     p = np.array([1, 1, 0, 0], bool)
     t = np.array([1, 0, 1, 0], bool)

@@ -13,9 +13,10 @@ Three families, all on NumPy arrays:
   σ = 1.5) over the voxels inside the mask. The challenge computes its SSIM map with
   torchmetrics on the whole volume; we compute it per axial slice (2-D), because our
   volumes are stacks of independently resized slices.
-* **Healthy-region fidelity** — :func:`masked_psnr` / :func:`masked_ssim` between two
-  images over an arbitrary mask (e.g. brain minus the dilated tumour), intensities
-  already in [0, 1].
+* **Masked fidelity** — :func:`masked_psnr` / :func:`masked_ssim` between two images
+  over an arbitrary mask, intensities already in [0, 1]. (Healthy-region fidelity of
+  a pseudo-healthy image — brain minus the dilated tumour — is
+  :func:`diffca_med.analysis.anomaly.healthy_region_fidelity`.)
 * **Anomaly detection** — pixel-level average precision (AUPRC), Dice at a threshold,
   the best Dice over all thresholds and the threshold that reaches it, and
   slice-level AUROC.
@@ -33,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics.regression import compute_ssim_and_cs
-from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 #: BraTS 2023 inpainting challenge percentile window.
@@ -49,21 +49,6 @@ def _as_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
-
-
-def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilate a stack of 2-D masks ``(..., H, W)`` in-plane by ``radius`` pixels.
-
-    Uses a disc-shaped structuring element; slices (leading axes) are dilated
-    independently. ``radius <= 0`` returns the mask unchanged (as bool).
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if radius <= 0:
-        return mask.copy()
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    disc = (yy**2 + xx**2) <= radius**2
-    structure = disc.reshape((1,) * (mask.ndim - 2) + disc.shape)
-    return ndimage.binary_dilation(mask, structure=structure)
 
 
 # ------------------------------------------------------------------ image fidelity

@@ -9,7 +9,8 @@ slices in both the training and the test fold of a probe.
 * :func:`classification_probe` — logistic regression, out-of-fold balanced accuracy.
 * :func:`regression_probe` — ridge regression, out-of-fold R².
 * :func:`cluster_agreement` — adjusted Rand index and NMI of a clustering against
-  known labels; :func:`silhouette` of a clustering.
+  known labels (the clustering itself, and its silhouette, come from
+  :func:`diffca_med.analysis.subgroups.cluster`).
 * :func:`probe_table` — all of the above for a set of representations and targets.
 """
 
@@ -26,7 +27,6 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     normalized_mutual_info_score,
     r2_score,
-    silhouette_score,
 )
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
@@ -140,15 +140,6 @@ def cluster_agreement(true_labels, cluster_labels) -> dict[str, float]:
         "ari": float(adjusted_rand_score(true_labels, cluster_labels)),
         "nmi": float(normalized_mutual_info_score(true_labels, cluster_labels)),
     }
-
-
-def silhouette(X: np.ndarray, cluster_labels) -> float:
-    """Mean silhouette of a clustering in [-1, 1]; NaN unless 2 ≤ clusters ≤ N − 1."""
-    labels = np.asarray(cluster_labels)
-    k = len(np.unique(labels))
-    if k < 2 or k > len(labels) - 1:
-        return NAN
-    return float(silhouette_score(np.asarray(X, np.float64), labels))
 
 
 @dataclass(frozen=True)
