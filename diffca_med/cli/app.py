@@ -29,6 +29,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "phantom",
     "prepare",
+    "train",
 ]
 
 for _name in COMMAND_MODULES:
