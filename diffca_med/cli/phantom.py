@@ -77,6 +77,7 @@ def phantom(
             f"{grp['tumour_volume_ml'].mean():.1f}",
         )
     console.print(summary)
-    console.print(f"data set:      {out}")
-    console.print(f"participants:  {out / 'participants.tsv'}")
-    console.print(f"healthy twins: {out / TRUTH_DIR} (same relative paths as the images)")
+    # paths on one line each (no wrapping), so they can be copied
+    console.print(f"data set:      {out}", soft_wrap=True)
+    console.print(f"participants:  {out / 'participants.tsv'}", soft_wrap=True)
+    console.print(f"healthy twins: {out / TRUTH_DIR} (same relative paths as the images)", soft_wrap=True)

@@ -171,7 +171,7 @@ def grow_tumour(
     centre = _place(tissue, anat, sizes, rng)
 
     r_mass = sizes["R"]
-    r_cut = min(2.5 * r_mass, sizes["r_ext"] + 6.0)  # mass effect is zero beyond (mm)
+    r_cut = min(2.0 * r_mass, sizes["r_ext"] + 6.0)  # mass effect is zero beyond (mm)
     hw = int(np.ceil(max(sizes["r_ext"] * 1.3, r_cut) / s)) + 2
     # clipped to the anatomy's bounding box (outside it there is no brain to change)
     box = tuple(
@@ -246,11 +246,12 @@ def grow_tumour(
     labels[~lesion] = 0
 
     # --- partial-volume fractions for the intensities
+    # (partial volume of ~0.6 voxel; infiltrative oedema fades over ~4 mm more)
     sig = 0.6
-    f_ncr = ndimage.gaussian_filter((labels == NCR).astype(np.float32), sig)
-    f_et = ndimage.gaussian_filter((labels == ET).astype(np.float32), sig)
-    sig_ed = 1.5 if subtype == "infiltrative" else 0.8
-    f_all = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), sig_ed), 0.0, 1.0)
+    f_ncr = ndimage.gaussian_filter((labels == NCR).astype(np.float32), sig, truncate=3.0)
+    f_et = ndimage.gaussian_filter((labels == ET).astype(np.float32), sig, truncate=3.0)
+    sig_ed = float(np.clip(4.0 / s, 0.8, 2.0)) if subtype == "infiltrative" else 0.8
+    f_all = np.clip(ndimage.gaussian_filter(lesion.astype(np.float32), sig_ed, truncate=3.0), 0.0, 1.0)
     texture = (1.0 + 0.08 * tex).astype(np.float32)
 
     jitter = {c: {m: v * rng.uniform(0.93, 1.07) for m, v in mods.items()}
