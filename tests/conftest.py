@@ -116,7 +116,7 @@ def tiny_cohorts(tmp_path_factory):
     out = {}
     for layout in M.LAYOUTS:
         out[layout] = base / layout
-        make_cohort(out[layout], n_subjects=3, seed=1, layout=layout, grid="tiny")
+        make_cohort(out[layout], n_subjects=3, seed=1, layout=layout, grid="tiny", workers=1)
     return out
 
 
@@ -127,7 +127,7 @@ def tiny_store(tmp_path_factory) -> Path:
     from diffca_med.pipelines.prepare import PrepareOptions, prepare
 
     base = tmp_path_factory.mktemp("tiny_store")
-    make_cohort(base / "data", n_subjects=6, seed=0, layout="brats2023", grid="tiny")
+    make_cohort(base / "data", n_subjects=6, seed=0, layout="brats2023", grid="tiny", workers=1)
     opts = PrepareOptions(size=32, val_fraction=0.2, test_fraction=0.2, seed=0)
     prepare(base / "data", base / "store", opts, workers=1, progress=False)
     return base / "store"

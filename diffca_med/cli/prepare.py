@@ -49,12 +49,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Turn a folder of brain MRI volumes into a validated, subject-split store of 2-D axial slices.
 
-        Per subject: load, reorient to RAS, crop to the brain (nonzero in any modality),
-        normalise each modality to [0, 1] between its 0.5th and 99.5th percentile inside the
-        brain, pad to a square and resize to --size; every axial slice of the brain's
-        bounding box is stored and labelled healthy / tumour / excluded. Subjects are split
-        train/val/test (stratified by tumour presence). Re-running with the same inputs and
-        options reuses the existing store.
+        Per subject: load, reorient to RAS, crop to the brain (nonzero in any modality), normalise each modality to [0, 1] between its 0.5th and 99.5th percentile inside the brain, pad to a square and resize to --size. Every axial slice of the brain's bounding box is stored and labelled healthy / tumour / excluded; subjects are split train/val/test, stratified by tumour presence.
+
+        Re-running with the same inputs and options reuses the existing store; --force rebuilds it.
         """
         from diffca_med.pipelines.prepare import PrepareOptions, prepare
 
