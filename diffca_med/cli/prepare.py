@@ -16,8 +16,8 @@ from diffca_med.data.store_writer import DEFAULT_MIN_BRAIN_FRACTION, DEFAULT_MIN
 
 def summary_table(summary) -> Table:
     """Rich table: subjects and slices per label per split."""
-    table = Table(title="slice store", show_lines=False)
-    for col in ("split", "subjects", "with tumour", "healthy slices", "tumour slices", "excluded slices"):
+    table = Table(title="slice store: subjects, and slices per label", show_lines=False)
+    for col in ("split", "subjects", "w/ tumour", "healthy", "tumour", "excluded"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for row in summary.itertuples(index=False):
         table.add_row(
