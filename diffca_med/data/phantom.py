@@ -89,29 +89,40 @@ class _Modality:
     n2: np.ndarray
 
 
-def _tissue_signal(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray, tissue: tuple) -> np.ndarray:
-    """Noise-free relative signal from tissue fractions (CSF = brain - GM - WM), float32."""
+def _fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(CSF, GM, WM) fractions summing to 1 inside the brain (CSF = brain - GM - WM), float32."""
     csf = np.clip(brain - gm - wm, 0.0, None)
-    total = np.maximum(gm + wm + csf, np.float32(1e-3))
-    return ((tissue[0] * csf + tissue[1] * gm + tissue[2] * wm) / total).astype(np.float32)
+    inv = np.float32(1.0) / np.maximum(gm + wm + csf, np.float32(1e-3))
+    return csf * inv, gm * inv, wm * inv
+
+
+def _tissue_signal(fractions: tuple[np.ndarray, ...], tissue: tuple) -> np.ndarray:
+    """Noise-free relative signal: tissue intensities weighted by fractions, float32."""
+    f_csf, f_gm, f_wm = fractions
+    out = f_csf * np.float32(tissue[0])
+    out += f_gm * np.float32(tissue[1])
+    out += f_wm * np.float32(tissue[2])
+    return out
 
 
 def _acquire(signal: np.ndarray, brain: np.ndarray, mod: _Modality, where: tuple) -> np.ndarray:
     """Scale, bias and Rician noise on ``signal`` (a sub-box ``where`` of the bbox).
 
-    Only +, * and sqrt, so a sub-box gives exactly the same values as the whole box.
+    Only +, *, sqrt and rounding, so a sub-box gives exactly the same values as the
+    whole box. Values are rounded to integers like scanner data (still stored float32).
     """
     s = signal * np.float32(mod.scale) * mod.bias[where]
     a = s + np.float32(mod.sigma) * mod.n1[where]
     b = np.float32(mod.sigma) * mod.n2[where]
     out = np.sqrt(a * a + b * b)
+    np.rint(out, out=out)
     out[brain <= 0.5] = 0.0
-    return out.astype(np.float32)
+    return out
 
 
 def _tumour_signal(t: Tumour, m: str, tissue: tuple) -> np.ndarray:
     """Signal in the tumour box: tissue (after mass effect) mixed with the lesion parts."""
-    base = _tissue_signal(t.gm, t.wm, t.brain, tissue)
+    base = _tissue_signal(_fractions(t.gm, t.wm, t.brain), tissue)
     inten = t.intensity
     fc = np.clip(t.f_ncr + t.f_et, 0.0, 1.0)
     w = np.float32(t.ed_weight) * t.f_all
@@ -152,12 +163,13 @@ def synthesise_subject(grid: str, subtype: str, seed: int, index: int) -> Phanto
     age = int(rng.integers(25, 81))
     sex = "F" if rng.random() < 0.5 else "M"
 
-    gm, wm, brain = tissue.gm[bb], tissue.wm[bb], tissue.brain[bb]
+    brain = tissue.brain[bb]
+    fractions = _fractions(tissue.gm[bb], tissue.wm[bb], brain)
     everything = tuple(slice(None) for _ in range(3))
     twins = {}
     for m, mod in mods.items():
         vol = np.zeros(anat.grid.shape, dtype=np.float32)
-        vol[bb] = _acquire(_tissue_signal(gm, wm, brain, mod.tissue), brain, mod, everything)
+        vol[bb] = _acquire(_tissue_signal(fractions, mod.tissue), brain, mod, everything)
         twins[m] = vol
     labels = np.zeros(anat.grid.shape, dtype=np.uint8)
     images = twins

@@ -153,6 +153,15 @@ def _random_shape_matrix(rng: np.random.Generator) -> np.ndarray:
     return np.diag(1.0 / axes) @ q
 
 
+def _norm_mm(mat: np.ndarray, off: np.ndarray, spacing: float) -> np.ndarray:
+    """Length in mm of ``mat @ off`` at every voxel (off: (3, *shape) voxel offsets)."""
+    out = np.zeros(off.shape[1:], dtype=np.float32)
+    for a in range(3):
+        v = mat[a, 0] * off[0] + mat[a, 1] * off[1] + mat[a, 2] * off[2]
+        out += v * v
+    return np.sqrt(out) * np.float32(spacing)
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndimage.label(mask)
     if n <= 1:
@@ -180,22 +189,25 @@ def grow_tumour(
     )
     shape = tuple(b.stop - b.start for b in box)
     c_loc = centre - np.array([b.start for b in box], dtype=np.float64)
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    off = np.stack([g - c for g, c in zip(grids, c_loc)])  # (3, *shape) voxels
-    r_mm = np.sqrt((off**2).sum(0)) * s
+    off = np.stack(np.meshgrid(
+        *[np.arange(n, dtype=np.float32) - np.float32(c) for n, c in zip(shape, c_loc)],
+        indexing="ij",
+    ))  # (3, *shape) voxel offsets from the centre
+    r_mm = np.sqrt((off * off).sum(0)) * np.float32(s)
 
     # --- mass effect: source radius r - A*phi(r), phi peaking at R, tapered to 0 at r_cut
     amp = sizes["push"] * r_mass
     taper = np.clip((r_cut - r_mm) / (0.4 * r_cut), 0.0, 1.0)
     taper = taper * taper * (3 - 2 * taper)
     factor = 1.0 - (amp / r_mass) * np.exp(0.5 * (1.0 - (r_mm / r_mass) ** 2)) * taper
-    src = (c_loc[:, None, None, None] + off * factor).astype(np.float32)
     moved = taper > 0
+    # only the moved voxels are resampled; the rest keep their exact values
+    src = (c_loc[:, None].astype(np.float32) + off[:, moved] * factor[moved]).astype(np.float32)
     warped = []
     for vol in (tissue.gm, tissue.wm, tissue.brain):
         local = np.ascontiguousarray(vol[box])
-        w = ndimage.map_coordinates(local, src, order=1, mode="nearest", output=np.float32)
-        warped.append(np.where(moved, w, local).astype(np.float32))
+        local[moved] = ndimage.map_coordinates(local, src, order=1, mode="nearest", output=np.float32)
+        warped.append(local)
     gm, wm, brain_f = warped
     brain = brain_f > 0.5
     parenchyma = brain & ((gm + wm) > 0.35 * np.maximum(brain_f, 1e-3))
@@ -204,7 +216,8 @@ def grow_tumour(
     ctrl = max(8.0 / s, 1.5)
     n1, n2, tex = smooth_field(shape, ctrl, rng, n=3)
     shape_m = _random_shape_matrix(rng)
-    d_mm = np.sqrt((np.einsum("ab,b...->a...", shape_m, off) ** 2).sum(0)) * s
+    shape_m = shape_m.astype(np.float32)
+    d_mm = _norm_mm(shape_m, off, s)
     labels = np.zeros(shape, dtype=np.uint8)
     n_designed = 1
     if subtype == "ring_enhancing":
@@ -224,17 +237,17 @@ def grow_tumour(
         centres = _nodule_centres(radii, sizes["spread"], s, parenchyma, c_loc, rng)
         n_designed = len(centres)
         core = np.zeros(shape, dtype=bool)
-        ed_level = np.full(shape, np.inf)
+        ed_level = np.full(shape, np.inf, dtype=np.float32)
         for ci, i in centres:
             ri, rei = radii[i], r_ed_i[i]
-            o = off - (ci - c_loc)[:, None, None, None]
-            dn = np.sqrt((np.einsum("ab,b...->a...", shape_m, o) ** 2).sum(0)) * s
+            o = off - (ci - c_loc).astype(np.float32)[:, None, None, None]
+            dn = _norm_mm(shape_m, o, s)
             nod = _largest_component(((dn / ri + 0.1 * n1) < 1.0) & brain)
             core |= nod
             labels[nod] = ET
             if ri >= 5.5:
                 labels[nod & (dn / ri < 0.45)] = NCR
-            ed_level = np.minimum(ed_level, np.sqrt((o**2).sum(0)) * s / rei)
+            ed_level = np.minimum(ed_level, np.sqrt((o * o).sum(0)) * np.float32(s / rei))
         ed = (ed_level + 0.18 * n2 - 0.3 * (wm - 0.5)) < 1.0
     ed &= parenchyma & ~core
     lesion = core | ed
