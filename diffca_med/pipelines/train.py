@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from diffca_med.errors import ConfigError, InputError
-from diffca_med.fileio import atomic_path, atomic_write_text
+from diffca_med.fileio import atomic_write_text
 from diffca_med.training.checkpoint import (
     CheckpointInfo,
     clean_temporaries,
@@ -218,7 +218,7 @@ def train(
     progress: bool = True,
     info: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
-    stop_at_step: int | None = None,
+    stop_at: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train ``stage`` ('0', '1', '2' or 'all') of a Diff-CA model on DATA into RUN=``out``.
 
@@ -226,9 +226,9 @@ def train(
     weights of the last completed earlier stage in RUN, or fresh for stages 0/1),
     replacing RUN's checkpoints of that stage and later ones. With ``resume`` training
     continues from ``RUN/checkpoints/latest.json`` to the configured step counts.
-    ``stop_at_step`` ends the session after that step of the first stage trained, with
-    an unfinished checkpoint and no model folder, as if killed there (for tests and
-    time-sliced sessions; ``resume`` continues).
+    ``stop_at=(stage, step)`` ends the session after that step of that stage, with an
+    unfinished checkpoint and no model folder, as if killed right after checkpointing
+    there (for tests and time-sliced sessions; ``resume`` continues).
     Raises :class:`ConfigError`/:class:`InputError` with one-line messages.
     """
     t0 = time.perf_counter()
@@ -331,7 +331,7 @@ def train(
             resume=resume_here,
             sample_images=samples,
             progress=progress,
-            stop_at_step=stop_at_step,
+            stop_at_step=stop_at[1] if stop_at is not None and stop_at[0] == s else None,
         )
         results.append({
             "stage": s,
@@ -349,9 +349,7 @@ def train(
 
     model_dir = run_dir / "model"
     if main:
-        model = model.to("cpu")
-        with atomic_path(model_dir) as tmp:
-            model.save_pretrained(tmp)
+        model.save_pretrained(model_dir)  # atomic: config.json + model.safetensors
         from diffca_med.training.plots import plot_training
 
         plot_training(run_dir)

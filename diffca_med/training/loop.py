@@ -247,9 +247,10 @@ def train_stage(
             finally:
                 if ema is not None:
                     ema.restore(params)
+                model.set_stage(stage)  # back to this stage's train/eval modes
         accelerator.wait_for_everyone()
 
-    model.train()
+    # set_stage put the stage's parts in train mode and the frozen rest in eval mode
     for step in range(start, sc.steps):
         outs = []
         for micro in range(sc.grad_accum):
@@ -293,10 +294,12 @@ def train_stage(
                 log.append(row)
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{rate:.1f}")
 
+        t_io = time.perf_counter()
         if done < sc.steps and done % sc.checkpoint_every == 0:
             checkpoint(done, complete=False)
         if done < sc.steps and sc.sample_every and done % sc.sample_every == 0:
             samples(done)
+        t_last += time.perf_counter() - t_io  # images/second counts training time only
         if stop_at_step is not None and done >= stop_at_step and done < sc.steps:
             if done % sc.checkpoint_every:
                 checkpoint(done, complete=False)

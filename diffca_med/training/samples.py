@@ -61,7 +61,7 @@ def write_sample_grid(model, images: torch.Tensor, path: str | Path, *, steps: i
     model.eval()
     try:
         if stage == 0:
-            recon = model.autoencode(images)
+            recon = model.from_diffusion(model.to_diffusion(images))
             columns, titles = [images, recon], ["input", "autoencoder"]
         else:
             recon = model.reconstruct(images, noise="fresh", steps=steps, seed=seed)
