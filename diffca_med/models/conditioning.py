@@ -1,0 +1,247 @@
+"""Conditioning encoder: image → tokens ``Z = [T ; t_int]`` of shape (B, K+1, D).
+
+* a backbone gives patch tokens (B, P, D): a small CNN trained jointly (``scratch``) or
+  a frozen DINOv3 ViT from transformers (``dinov3``, loaded from local files only);
+* a cross-query module (K learned queries cross-attending to the patch tokens,
+  Perceiver-IO style) turns them into K semantic tokens ``T`` (B, K, D);
+* a small CNN over per-modality soft intensity histograms gives the intensity token
+  ``t_int`` (B, 1, D) (the paper's colour token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffca_med.errors import ConfigError
+from diffca_med.models.config import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ScratchBackbone(nn.Module):
+    """Small CNN: (B, C, H, W) in [0, 1] → patch tokens (B, (H/2^s)·(W/2^s), D).
+
+    Each stage halves the resolution; a learned positional embedding tells the
+    cross-query module where each patch lies (the queries can then pick regions).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        chans = list(config.scratch_channels)
+        g = config.norm_groups
+        layers: list[nn.Module] = [nn.Conv2d(config.in_channels, chans[0], 3, padding=1)]
+        prev = chans[0]
+        for c in chans:
+            layers += [
+                nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, c, 3, stride=2, padding=1),
+                nn.GroupNorm(g, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+            ]
+            prev = c
+        layers += [nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.token_dim, 1)]
+        self.net = nn.Sequential(*layers)
+        side = config.image_size // 2 ** len(chans)
+        self.pos = nn.Parameter(torch.randn(side * side, config.token_dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net(x * 2.0 - 1.0)  # (B, D, h, w)
+        return f.flatten(2).transpose(1, 2) + self.pos
+
+
+def channel_map(n_in: int) -> torch.Tensor:
+    """Fixed (3, n_in) matrix mapping MRI channels onto an RGB backbone's 3 inputs.
+
+    1 channel → grey; 2 → (c0, c1, mean); 3 → identity; more → consecutive groups
+    averaged (channel i feeds output ``floor(3 i / n_in)``).
+    """
+    m = torch.zeros(3, n_in)
+    if n_in == 1:
+        m[:, 0] = 1.0
+    elif n_in == 2:
+        m[0, 0] = m[1, 1] = 1.0
+        m[2, :] = 0.5
+    else:
+        for i in range(n_in):
+            m[(3 * i) // n_in, i] = 1.0
+        m = m / m.sum(dim=1, keepdim=True)
+    return m
+
+
+def load_dinov3(path: str):
+    """Load a DINOv3 ViT from a local folder or an existing hub cache (no download)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: cannot load a DINOv3 model from local files ({first})") from None
+
+
+class DinoV3Backbone(nn.Module):
+    """Frozen DINOv3 ViT: (B, C, H, W) in [0, 1] → projected patch tokens (B, P, D).
+
+    The MRI channels are mapped to 3 by :func:`channel_map`, ImageNet-normalised and
+    resized to ``backbone_input_size``; the CLS and register tokens are dropped. Only
+    the linear projection to D is trained.
+    """
+
+    def __init__(self, config: ModelConfig, vit: nn.Module | None = None):
+        super().__init__()
+        self.vit = vit if vit is not None else load_dinov3(config.dinov3_path)
+        vcfg = self.vit.config
+        patch = int(vcfg.patch_size)
+        if config.backbone_input_size % patch:
+            raise ConfigError(
+                f"model.backbone_input_size: {config.backbone_input_size} is not a multiple "
+                f"of the DINOv3 patch size {patch}"
+            )
+        self.skip = 1 + int(getattr(vcfg, "num_register_tokens", 0) or 0)
+        self.size = config.backbone_input_size
+        self.register_buffer("cmap", channel_map(config.in_channels), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.proj = nn.Sequential(nn.LayerNorm(vcfg.hidden_size), nn.Linear(vcfg.hidden_size, config.token_dim))
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vit.eval()  # always frozen
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("oc,bchw->bohw", self.cmap, x)
+        rgb = F.interpolate(rgb, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        rgb = (rgb - self.mean) / self.std
+        with torch.no_grad():
+            h = self.vit(pixel_values=rgb).last_hidden_state[:, self.skip:]
+        return self.proj(h)
+
+
+class CrossQueryLayer(nn.Module):
+    """Queries ← cross-attention to patch tokens, then self-attention, then an MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.nq, self.nkv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ns = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.nm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        kvn = self.nkv(kv)
+        q = q + self.cross(self.nq(q), kvn, kvn, need_weights=False)[0]
+        s = self.ns(q)
+        q = q + self.self_attn(s, s, s, need_weights=False)[0]
+        return q + self.mlp(self.nm(q))
+
+
+class CrossQuery(nn.Module):
+    """K learned queries → K semantic tokens (B, K, D) from patch tokens (B, P, D)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(config.n_queries, config.token_dim) * 0.02)
+        self.layers = nn.ModuleList(
+            CrossQueryLayer(config.token_dim, config.attention_heads)
+            for _ in range(config.cross_query_layers)
+        )
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        q = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        for layer in self.layers:
+            q = layer(q, patches)
+        return q
+
+
+class IntensityToken(nn.Module):
+    """One token (B, 1, D) from per-modality soft histograms of the foreground.
+
+    Foreground = pixels above 1 % (the store's images are zero outside the brain).
+    Each modality gets a Gaussian-kernel histogram over ``intensity_bins`` centres in
+    [0, 1] plus its mean and standard deviation; a 1-D CNN over bins mixes them.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bins = config.intensity_bins
+        self.register_buffer("centres", torch.linspace(0.0, 1.0, bins), persistent=False)
+        self.width = 1.0 / bins
+        c = config.in_channels
+        self.conv = nn.Sequential(
+            nn.Conv1d(c, 32, 3, padding=1), nn.SiLU(), nn.Conv1d(32, 32, 3, padding=1), nn.SiLU()
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(32 * bins + 2 * c, 2 * config.token_dim), nn.SiLU(),
+            nn.Linear(2 * config.token_dim, config.token_dim),
+        )
+
+    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft histograms (B, C, bins) and moments (B, 2C) of the foreground."""
+        flat = x.flatten(2)  # (B, C, N)
+        fg = (flat.amax(dim=1, keepdim=True) > 0.01).float()  # (B, 1, N)
+        w = fg / fg.sum(dim=2, keepdim=True).clamp_min(1.0)
+        k = torch.exp(-0.5 * ((flat.unsqueeze(-1) - self.centres) / self.width) ** 2)  # (B,C,N,bins)
+        hist = (k * w.unsqueeze(-1)).sum(dim=2)
+        hist = hist / hist.sum(dim=2, keepdim=True).clamp_min(1e-6)
+        mean = (flat * w).sum(dim=2)
+        var = ((flat - mean.unsqueeze(-1)) ** 2 * w).sum(dim=2)
+        return hist, torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hist, moments = self.statistics(x)
+        h = self.conv(hist * hist.shape[-1]).flatten(1)
+        return self.mlp(torch.cat([h, moments * 4.0], dim=1)).unsqueeze(1)
+
+
+class ConditioningEncoder(nn.Module):
+    """Image (B, C, H, W) in [0, 1] → tokens Z (B, K+1, D), layer-normalised."""
+
+    def __init__(self, config: ModelConfig, vit: nn.Module | None = None):
+        super().__init__()
+        if config.backbone == "dinov3":
+            self.backbone: nn.Module = DinoV3Backbone(config, vit)
+        else:
+            self.backbone = ScratchBackbone(config)
+        self.cross_query = CrossQuery(config)
+        self.intensity = IntensityToken(config)
+        self.norm = nn.LayerNorm(config.token_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        semantic = self.cross_query(self.backbone(x))
+        return self.norm(torch.cat([semantic, self.intensity(x)], dim=1))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything except a frozen DINOv3 ViT."""
+        frozen = set()
+        if isinstance(self.backbone, DinoV3Backbone):
+            frozen = {id(p) for p in self.backbone.vit.parameters()}
+        return [p for p in self.parameters() if id(p) not in frozen]
+
+
+def backbone_config_dict(encoder: ConditioningEncoder) -> dict | None:
+    """The DINOv3 config as a dict (saved beside the weights), or None for scratch."""
+    if isinstance(encoder.backbone, DinoV3Backbone):
+        return encoder.backbone.vit.config.to_dict()
+    return None
+
+
+def dinov3_from_config_dict(data: dict) -> nn.Module:
+    """An (untrained) DINOv3 ViT with the architecture ``data`` describes."""
+    from transformers import AutoConfig, AutoModel
+
+    data = dict(data)
+    model_type = data.pop("model_type", "dinov3_vit")
+    cfg = AutoConfig.for_model(model_type, **data)
+    return AutoModel.from_config(cfg)
+
+
+__all__ = [
+    "ConditioningEncoder", "CrossQuery", "IntensityToken", "ScratchBackbone", "DinoV3Backbone",
+    "channel_map", "load_dinov3", "backbone_config_dict", "dinov3_from_config_dict",
+]

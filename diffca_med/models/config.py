@@ -1,0 +1,205 @@
+"""``ModelConfig``: every architecture choice of a Diff-CA model in one flat dataclass.
+
+The defaults are the CPU preset (32×32 pixel space, a scratch CNN backbone, a 1.1 M
+parameter U-Net); GPU presets override fields from a YAML ``model:`` section. The
+dataclass is saved as ``config.json`` beside the weights, so a model folder always
+rebuilds the same network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffca_med.errors import ConfigError
+
+CANONICAL_MODALITIES = ("t1", "t1c", "t2", "flair")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and loss settings of :class:`~diffca_med.models.DiffCAModel`.
+
+    Sizes are in pixels (images) or channels/features; loss weights are unitless.
+    """
+
+    # --- data -----------------------------------------------------------------------
+    modalities: list[str] = field(default_factory=lambda: ["t1c", "flair"])
+    """Input channels, in the slice store's order (canonical names)."""
+    image_size: int = 32
+    """Input height = width in pixels."""
+
+    # --- space: pixel, or the latent of an AutoencoderKL (stage 0) -------------------
+    space: str = "pixel"
+    """``pixel`` or ``latent``."""
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """AutoencoderKL block widths; the latent is ``image_size / 2**(len-1)`` wide."""
+    latent_channels: int = 4
+    vae_kl_weight: float = 1e-6
+    """Weight of the KL term of the stage-0 loss (per-element mean units)."""
+    pretrained_vae: str | None = None
+    """Local folder of a diffusers AutoencoderKL to load instead of training stage 0."""
+
+    # --- conditioning encoder ---------------------------------------------------------
+    backbone: str = "scratch"
+    """``scratch`` (small CNN trained jointly) or ``dinov3`` (frozen transformers model)."""
+    dinov3_path: str | None = None
+    """Local folder (or hub id already in the local cache) of a DINOv3 ViT."""
+    backbone_input_size: int = 224
+    """Side in pixels the image is resized to before DINOv3 (multiple of its patch)."""
+    scratch_channels: list[int] = field(default_factory=lambda: [32, 64])
+    """Widths of the scratch CNN stages; each stage halves the resolution."""
+    token_dim: int = 64
+    """Width D of every conditioning token."""
+    n_queries: int = 16
+    """K learned queries of the cross-query module (semantic tokens)."""
+    cross_query_layers: int = 2
+    attention_heads: int = 4
+    intensity_bins: int = 16
+    """Soft-histogram bins per modality for the intensity token."""
+
+    # --- denoiser ---------------------------------------------------------------------
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    """Cross-attention to Z per U-Net level (keep it at 8×8 or below on CPU)."""
+    layers_per_block: int = 1
+    norm_groups: int = 8
+    pooled_conditioning: bool = True
+    """AdaGN scale/shift of every ResNet block from the flattened tokens (DiffAE-style)."""
+    render_prior: bool = True
+    """Concatenate a coarse image decoded from Z alone to the U-Net input."""
+    render_grid: int = 4
+    """Side of the render decoder's first feature map (upsampled to the input size)."""
+
+    # --- diffusion --------------------------------------------------------------------
+    prediction_type: str = "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    sample_steps: int = 20
+    """Default DDIM step count for sampling and inversion."""
+
+    # --- stage-1 loss -----------------------------------------------------------------
+    render_loss_weight: float = 1.0
+    """Weight of the direct MSE between the render decoder's output and the target."""
+
+    # --- stage 2: common/salient split ---------------------------------------------
+    salient_dim: int = 16
+    """Dimension d of the salient embedding (from the CLS token)."""
+    split_depth: int = 2
+    """Transformer layers of the split encoder E."""
+    adversary_hidden: int = 64
+    grl_init: float = 0.1
+    grl_min: float = 0.0
+    grl_max: float = 5.0
+    grl_gain: float = 0.05
+    """Multiplicative step of the GRL controller per unit of accuracy error."""
+    grl_target: float = 0.5
+    """Adversary accuracy the controller aims at (chance for balanced batches)."""
+    grl_ema: float = 0.9
+    """Smoothing of the adversary accuracy seen by the controller."""
+    grl_warmup_steps: int = 50
+    """Stage-2 steps before the controller starts adapting the weight."""
+    w_token_rec: float = 1.0
+    w_bg_salient: float = 1.0
+    w_adv: float = 1.0
+    w_denoise: float = 0.0
+    """Frozen-denoiser loss conditioned on Ẑ (costs a U-Net forward+backward)."""
+    w_mmd: float = 0.0
+    """MMD between Ẑ_C of target and Z of background images (peer term)."""
+    w_salient_cls: float = 0.0
+    """Logistic loss of a linear healthy/tumour head on the salient embedding."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def n_tokens(self) -> int:
+        """T = K semantic tokens + 1 intensity token."""
+        return self.n_queries + 1
+
+    @property
+    def diffusion_size(self) -> int:
+        """Side of the tensor the U-Net denoises (pixels or latent cells)."""
+        if self.space == "latent":
+            return self.image_size // 2 ** (len(self.vae_channels) - 1)
+        return self.image_size
+
+    @property
+    def diffusion_channels(self) -> int:
+        return self.latent_channels if self.space == "latent" else self.in_channels
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"model.{name}: {why}")
+
+        if not self.modalities:
+            bad("modalities", "needs at least one modality")
+        for m in self.modalities:
+            if m not in CANONICAL_MODALITIES:
+                bad("modalities", f"unknown modality {m!r} (use {', '.join(CANONICAL_MODALITIES)})")
+        if len(set(self.modalities)) != len(self.modalities):
+            bad("modalities", "repeated modality")
+        if self.space not in ("pixel", "latent"):
+            bad("space", f"must be 'pixel' or 'latent', got {self.space!r}")
+        if self.backbone not in ("scratch", "dinov3"):
+            bad("backbone", f"must be 'scratch' or 'dinov3', got {self.backbone!r}")
+        if self.backbone == "dinov3" and not self.dinov3_path:
+            bad("dinov3_path", "required when backbone is 'dinov3'")
+        if self.prediction_type not in ("v_prediction", "epsilon", "sample"):
+            bad("prediction_type", "must be v_prediction, epsilon or sample")
+        if self.beta_schedule not in ("squaredcos_cap_v2", "linear", "scaled_linear"):
+            bad("beta_schedule", "must be squaredcos_cap_v2, linear or scaled_linear")
+        if len(self.attention_levels) != len(self.unet_channels):
+            bad("attention_levels", "needs one entry per unet_channels entry")
+        down = 2 ** (len(self.unet_channels) - 1)
+        if self.diffusion_size % down:
+            bad("image_size", f"diffusion size {self.diffusion_size} not divisible by {down}")
+        s_down = 2 ** len(self.scratch_channels)
+        if self.backbone == "scratch" and self.image_size % s_down:
+            bad("image_size", f"{self.image_size} not divisible by {s_down} (scratch_channels)")
+        if self.space == "latent" and self.image_size % 2 ** (len(self.vae_channels) - 1):
+            bad("image_size", "not divisible by the VAE downsampling")
+        if self.diffusion_size % self.render_grid or self.render_grid > self.diffusion_size:
+            bad("render_grid", f"must divide the diffusion size {self.diffusion_size}")
+        for name in ("token_dim", "n_queries", "cross_query_layers", "attention_heads",
+                     "intensity_bins", "salient_dim", "split_depth", "num_train_timesteps",
+                     "sample_steps", "image_size", "layers_per_block", "norm_groups"):
+            if int(getattr(self, name)) < 1:
+                bad(name, "must be a positive integer")
+        if self.token_dim % self.attention_heads:
+            bad("token_dim", "must be divisible by attention_heads")
+        for c in list(self.unet_channels) + list(self.scratch_channels):
+            if c % self.norm_groups:
+                bad("norm_groups", f"must divide every channel width (got {c})")
+        if not 0.0 <= self.grl_ema < 1.0:
+            bad("grl_ema", "must be in [0, 1)")
+        if self.grl_min > self.grl_max:
+            bad("grl_min", "must be <= grl_max")
+
+    # ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "model") -> "ModelConfig":
+        """Build from a mapping; unknown keys raise :class:`ConfigError` naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of model options")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model option(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None

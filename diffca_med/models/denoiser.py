@@ -1,0 +1,113 @@
+"""The token-conditioned denoiser: a diffusers ``UNet2DConditionModel`` conditioned on Z.
+
+Three paths carry the tokens Z (B, T, D) into the U-Net, each switchable in
+:class:`ModelConfig` because a U-Net conditioned by cross-attention alone learns a
+generic brain and ignores its tokens at CPU budgets (DESIGN §5):
+
+* cross-attention to Z at the low-resolution levels (``attention_levels``);
+* AdaGN scale/shift in every ResNet block from the flattened tokens
+  (``pooled_conditioning``; diffusers' ``class_embed_type="projection"`` added to the
+  time embedding with ``resnet_time_scale_shift="scale_shift"``, as in DiffAE);
+* a coarse image rendered from Z alone by :class:`TokenRenderer`, concatenated to the
+  noisy input (``render_prior``) and trained with a direct MSE to the clean target.
+
+All three are functions of Z only, so G(Z) stays a generator conditioned on tokens
+and the stage-2 split acts through them.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from diffca_med.models.config import ModelConfig
+
+
+class TokenRenderer(nn.Module):
+    """Tokens (B, T, D) → coarse image (B, C_d, S, S) in the diffusion space.
+
+    Flattened tokens → linear → (c, g, g) feature map → (upsample + conv) blocks up to
+    the diffusion size S. No input from the noisy image: it is what Z alone says.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        g = config.render_grid
+        c = config.unet_channels[-1]
+        self.g, self.c = g, c
+        self.fc = nn.Linear(config.n_tokens * config.token_dim, c * g * g)
+        blocks: list[nn.Module] = []
+        side = g
+        widths = list(reversed(config.unet_channels))
+        i = 0
+        while side < config.diffusion_size:
+            out = widths[min(i + 1, len(widths) - 1)]
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
+                nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
+            ]
+            c, side, i = out, side * 2, i + 1
+        blocks.append(nn.Conv2d(c, config.diffusion_channels, 3, padding=1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        f = self.fc(tokens.flatten(1)).view(-1, self.c, self.g, self.g)
+        return self.net(f)
+
+
+def build_unet(config: ModelConfig) -> UNet2DConditionModel:
+    """The diffusers U-Net with cross-attention only where ``attention_levels`` says."""
+    levels = list(config.attention_levels)
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]
+    in_ch = config.diffusion_channels * (2 if config.render_prior else 1)
+    kwargs = dict(
+        sample_size=config.diffusion_size,
+        in_channels=in_ch,
+        out_channels=config.diffusion_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        mid_block_type="UNetMidBlock2DCrossAttn" if levels[-1] else None,
+        block_out_channels=tuple(config.unet_channels),
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_groups,
+        cross_attention_dim=config.token_dim,
+        attention_head_dim=max(1, config.token_dim // config.attention_heads),
+    )
+    if config.pooled_conditioning:
+        kwargs.update(
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=config.n_tokens * config.token_dim,
+            resnet_time_scale_shift="scale_shift",
+        )
+    return UNet2DConditionModel(**kwargs)
+
+
+class Denoiser(nn.Module):
+    """Predicts the diffusion target (v, ε or x₀) of ``x_t`` given timesteps and Z.
+
+    Shapes: ``x_t`` (B, C_d, S, S), ``t`` (B,) long, ``tokens`` (B, T, D);
+    ``prior`` (B, C_d, S, S) is the renderer's output (computed if not given).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.unet = build_unet(config)
+        self.renderer = TokenRenderer(config) if config.render_prior else None
+
+    def render(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        return self.renderer(tokens) if self.renderer is not None else None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        if self.renderer is not None:
+            if prior is None:
+                prior = self.renderer(tokens)
+            x_t = torch.cat([x_t, prior], dim=1)
+        extra = {}
+        if self.config.pooled_conditioning:
+            extra["class_labels"] = tokens.flatten(1)
+        return self.unet(x_t, t, encoder_hidden_states=tokens, return_dict=False, **extra)[0]

@@ -1,0 +1,419 @@
+"""``DiffCAModel``: the two-stage Diff-CA model, its training losses and operations.
+
+Parts (all ``nn.Module`` attributes):
+
+* ``vae`` — AutoencoderKL (latent space only; stage 0);
+* ``conditioner`` — image → tokens Z (B, T, D), T = K + 1 (stage 1);
+* ``denoiser`` — the token-conditioned U-Net (+ its token renderer) (stage 1);
+* ``split``, ``adversary``, ``grl``, ``salient_head`` — stage 2.
+
+Inputs ``x`` are float (B, C, H, W) in [0, 1], channels in ``config.modalities``
+order, H = W = ``config.image_size``; generated images are clipped to [0, 1].
+Saved as a folder ``config.json`` + ``model.safetensors`` (no pickles); the folder is
+self-contained (a DINOv3 backbone or pretrained VAE is stored with the weights).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffca_med.errors import InputError
+from diffca_med.fileio import atomic_path
+from diffca_med.models.autoencoder import autoencoder_loss, build_autoencoder, load_autoencoder
+from diffca_med.models.conditioning import (
+    ConditioningEncoder,
+    backbone_config_dict,
+    dinov3_from_config_dict,
+)
+from diffca_med.models.config import ModelConfig
+from diffca_med.models.denoiser import Denoiser
+from diffca_med.models.sampling import ddim_invert, ddim_sample, noise_to
+from diffca_med.models.split import Adversary, GRLController, SplitEncoder, split_losses
+
+FORMAT = "diffca-med-model"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class EncodeOutput:
+    """common (B, T, D), salient (B, T, D), salient_embedding (B, d), tokens Z (B, T, D)."""
+
+    common: torch.Tensor
+    salient: torch.Tensor
+    salient_embedding: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def combined(self) -> torch.Tensor:
+        """Ẑ = Ẑ_C + Ẑ_S (B, T, D)."""
+        return self.common + self.salient
+
+
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device)
+
+
+class DiffCAModel(nn.Module):
+    """The Diff-CA model for ``config`` (see module docstring for its parts)."""
+
+    def __init__(self, config: ModelConfig, *, _vit: nn.Module | None = None,
+                 _vae: nn.Module | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.vae = None
+        if config.space == "latent":
+            if _vae is not None:
+                self.vae = _vae
+            elif config.pretrained_vae:
+                self.vae = load_autoencoder(config.pretrained_vae, config)
+            else:
+                self.vae = build_autoencoder(config)
+        self.conditioner = ConditioningEncoder(config, vit=_vit)
+        self.denoiser = Denoiser(config)
+        self.split = SplitEncoder(config)
+        self.adversary = Adversary(config)
+        self.grl = GRLController(config)
+        self.salient_head = nn.Linear(config.salient_dim, 1)
+        # multiplies VAE latents to unit variance; learnt from data during stage 0
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+        self.register_buffer("latent_scale_set", torch.tensor(0, dtype=torch.long))
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
+            prediction_type=config.prediction_type,
+            clip_sample=False,
+        )
+        self.register_buffer(
+            "alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False
+        )
+
+    # ----------------------------------------------------------------- stages
+    def stage_modules(self, stage: int) -> list[nn.Module]:
+        """Modules trained in ``stage`` (0: VAE; 1: conditioner + denoiser; 2: split)."""
+        if stage == 0:
+            return [self.vae] if self.vae is not None else []
+        if stage == 1:
+            return [self.conditioner, self.denoiser]
+        if stage == 2:
+            return [self.split, self.adversary, self.salient_head]
+        raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
+
+    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Parameters the optimiser of ``stage`` updates (empty for stage 0 in pixel space)."""
+        if stage == 1:
+            return self.conditioner.trainable_parameters() + list(self.denoiser.parameters())
+        params: list[nn.Parameter] = []
+        for m in self.stage_modules(stage):
+            params += list(m.parameters())
+        return params
+
+    def set_stage(self, stage: int) -> None:
+        """Freeze everything but ``stage``'s parts; those go to train mode, the rest eval."""
+        trainable = {id(p) for p in self.trainable_parameters(stage)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.eval()
+        for m in self.stage_modules(stage):
+            m.train()
+
+    # ------------------------------------------------------------ diffusion space
+    def to_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] → the space the U-Net denoises (no grad to VAE)."""
+        x = x * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            return self.vae.encode(x).latent_dist.mean * self.latent_scale
+
+    def from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_diffusion`, clipped to [0, 1]."""
+        if self.vae is not None:
+            z = self.vae.decode(z / self.latent_scale).sample
+        return ((z + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ losses
+    def stage_loss(self, stage: int, images: torch.Tensor, labels: torch.Tensor,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training loss of ``stage`` on a batch.
+
+        ``images`` (B, C, H, W) in [0, 1]; ``labels`` (B,) long, 0 healthy / 1 tumour.
+        Returns ``loss`` (backprop it) and detached scalar tensors to log. In training
+        mode, stage 2 also updates the GRL controller (its state is in buffers).
+        """
+        self._check_images(images)
+        if stage == 0:
+            return self._stage0_loss(images, generator)
+        if stage == 1:
+            return self._stage1_loss(images, generator)
+        if stage == 2:
+            return self._stage2_loss(images, labels, generator)
+        raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
+
+    def _stage0_loss(self, images, generator):
+        if self.vae is None:
+            raise ValueError("stage 0 trains the autoencoder; this model is in pixel space")
+        out = autoencoder_loss(self.vae, images, self.config.vae_kl_weight, generator)
+        if self.vae.training:
+            with torch.no_grad():
+                scale = 1.0 / out["latent_std"].clamp_min(1e-4)
+                if int(self.latent_scale_set) == 0:
+                    self.latent_scale.fill_(float(scale))
+                    self.latent_scale_set.fill_(1)
+                else:
+                    self.latent_scale.mul_(0.99).add_(0.01 * scale)
+        out["latent_scale"] = self.latent_scale.detach().clone()
+        return out
+
+    def _noisy(self, x0: torch.Tensor, generator):
+        b = x0.shape[0]
+        T = self.config.num_train_timesteps
+        gdev = generator.device if generator is not None else x0.device
+        t = torch.randint(0, T, (b,), generator=generator, device=gdev).to(x0.device)
+        noise = _randn(x0.shape, generator, x0.device)
+        a = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pt = self.config.prediction_type
+        if pt == "v_prediction":
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        elif pt == "epsilon":
+            target = noise
+        else:
+            target = x0
+        return x_t, t, target
+
+    def _stage1_loss(self, images, generator):
+        x0 = self.to_diffusion(images)
+        tokens = self.conditioner(images)
+        prior = self.denoiser.render(tokens)
+        x_t, t, target = self._noisy(x0, generator)
+        pred = self.denoiser(x_t, t, tokens, prior)
+        diffusion = F.mse_loss(pred, target)
+        loss = diffusion
+        out = {"diffusion": diffusion.detach()}
+        if prior is not None:
+            render = F.mse_loss(prior, x0)
+            loss = loss + self.config.render_loss_weight * render
+            out["render"] = render.detach()
+        out["loss"] = loss
+        return out
+
+    def _stage2_loss(self, images, labels, generator):
+        cfg = self.config
+        with torch.no_grad():
+            tokens = self.conditioner(images)
+        terms, split, logs = split_losses(
+            self.split, self.adversary, self.grl, tokens, labels, cfg,
+            salient_head=self.salient_head, update_controller=self.split.training,
+        )
+        if cfg.w_denoise > 0:
+            x0 = self.to_diffusion(images)
+            x_t, t, target = self._noisy(x0, generator)
+            pred = self.denoiser(x_t, t, split.common + split.salient)
+            terms["denoise"] = F.mse_loss(pred, target)
+        weights = {"token_rec": cfg.w_token_rec, "bg_salient": cfg.w_bg_salient,
+                   "adv": cfg.w_adv, "denoise": cfg.w_denoise, "mmd": cfg.w_mmd,
+                   "salient_cls": cfg.w_salient_cls}
+        loss = sum(weights[k] * v for k, v in terms.items())
+        out = {k: v.detach() for k, v in terms.items()}
+        tg = labels == 1
+        if tg.any():
+            out["tg_salient"] = split.salient[tg].detach().pow(2).mean()
+        out.update({k: torch.tensor(v) for k, v in logs.items()})
+        out["loss"] = loss
+        return out
+
+    # --------------------------------------------------------------- inference
+    def _check_images(self, x: torch.Tensor) -> None:
+        c, s = self.config.in_channels, self.config.image_size
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+            raise InputError(
+                f"images: expected shape (B, {c}, {s}, {s}) for modalities "
+                f"{', '.join(self.config.modalities)}, got {tuple(x.shape)}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_scale.device
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> EncodeOutput:
+        """Tokens and their split for images ``x`` (B, C, H, W) in [0, 1]."""
+        self._check_images(x)
+        tokens = self.conditioner(x)
+        sp = self.split(tokens)
+        return EncodeOutput(sp.common, sp.salient, sp.salient_embedding, tokens)
+
+    def _model_fn(self, tokens: torch.Tensor):
+        prior = self.denoiser.render(tokens)
+
+        def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(x_t, t, tokens, prior)
+
+        return fn
+
+    def _shape(self, b: int) -> tuple[int, int, int, int]:
+        s = self.config.diffusion_size
+        return (b, self.config.diffusion_channels, s, s)
+
+    def _steps(self, steps: int | None) -> int:
+        return int(steps) if steps is not None else self.config.sample_steps
+
+    @torch.no_grad()
+    def generate(self, cond_tokens: torch.Tensor, steps: int | None = None, seed: int = 0,
+                 x_start: torch.Tensor | None = None, start_index: int = 0) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] generated from tokens (B, T, D) by DDIM (η = 0).
+
+        Starting point: fresh Gaussian noise from ``seed`` (the same seed gives the
+        same output), or ``x_start`` in the diffusion space at DDIM index
+        ``start_index`` (from an inversion).
+        """
+        steps = self._steps(steps)
+        if x_start is None:
+            g = torch.Generator().manual_seed(int(seed))
+            x_start = _randn(self._shape(cond_tokens.shape[0]), g, cond_tokens.device)
+            start_index = 0
+        clip = 1.0 if self.vae is None else None
+        z = ddim_sample(self._model_fn(cond_tokens), x_start, self.alphas_cumprod,
+                        self.config.prediction_type, steps, start_index, clip)
+        return self.from_diffusion(z)
+
+    @torch.no_grad()
+    def _start(self, x: torch.Tensor, src_tokens: torch.Tensor, noise: str,
+               inversion_depth: float, steps: int, seed: int) -> tuple[torch.Tensor, int]:
+        x0 = self.to_diffusion(x)
+        if noise == "inverted":
+            return ddim_invert(self._model_fn(src_tokens), x0, self.alphas_cumprod,
+                               self.config.prediction_type, steps, inversion_depth)
+        if noise == "fresh":
+            g = torch.Generator().manual_seed(int(seed))
+            eps = _randn(x0.shape, g, x0.device)
+            return noise_to(x0, eps, self.alphas_cumprod, steps, inversion_depth)
+        raise ValueError(f"noise must be 'fresh' or 'inverted', got {noise!r}")
+
+    @torch.no_grad()
+    def _edit(self, x: torch.Tensor, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor,
+              noise: str, inversion_depth: float, steps: int | None, seed: int) -> torch.Tensor:
+        steps = self._steps(steps)
+        if not 0.0 < float(inversion_depth) <= 1.0:
+            raise ValueError(f"inversion_depth must be in (0, 1], got {inversion_depth}")
+        x_t, k = self._start(x, src_tokens, noise, inversion_depth, steps, seed)
+        return self.generate(tgt_tokens, steps=steps, x_start=x_t, start_index=k)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, noise: str = "fresh", inversion_depth: float = 1.0,
+                    steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """G(Ẑ) for images ``x`` (B, C, H, W) → (B, C, H, W) in [0, 1].
+
+        ``noise='fresh'``: start from seeded Gaussian noise (with depth < 1, the input
+        noised to that depth); ``'inverted'``: DDIM-invert ``x`` (η = 0) to the depth.
+        """
+        enc = self.encode(x)
+        z = enc.combined
+        return self._edit(x, z, z, noise, inversion_depth, steps, seed)
+
+    @torch.no_grad()
+    def pseudo_healthy(self, x: torch.Tensor, noise: str = "fresh", inversion_depth: float = 1.0,
+                       steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """G(Ẑ_C): the image with its salient part set to the background value 0."""
+        enc = self.encode(x)
+        return self._edit(x, enc.combined, enc.common, noise, inversion_depth, steps, seed)
+
+    @torch.no_grad()
+    def swap(self, a: torch.Tensor, b: torch.Tensor, noise: str = "fresh",
+             inversion_depth: float = 1.0, steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """G(Ẑ_C(a) + Ẑ_S(b)); starting noise from ``a``. a, b (B, C, H, W)."""
+        ea, eb = self.encode(a), self.encode(b)
+        return self._edit(a, ea.combined, ea.common + eb.salient, noise, inversion_depth, steps, seed)
+
+    @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, alphas: Sequence[float],
+                    noise: str = "fresh", inversion_depth: float = 1.0,
+                    steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """G(Ẑ_C(a) + (1−α)Ẑ_S(a) + αẐ_S(b)) for each α → (len(alphas), B, C, H, W)."""
+        ea, eb = self.encode(a), self.encode(b)
+        outs = []
+        for alpha in alphas:
+            tgt = ea.common + (1.0 - float(alpha)) * ea.salient + float(alpha) * eb.salient
+            outs.append(self._edit(a, ea.combined, tgt, noise, inversion_depth, steps, seed))
+        return torch.stack(outs, dim=0)
+
+    # ------------------------------------------------------------- save / load
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``path/config.json`` + ``path/model.safetensors`` atomically."""
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.config.to_dict(),
+            "backbone_config": backbone_config_dict(self.conditioner),
+            "vae_config": dict(self.vae.config) if self.vae is not None else None,
+        }
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            tmp.mkdir(parents=True)
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DiffCAModel":
+        """Load a folder written by :meth:`save_pretrained` (no network, no pickles).
+
+        The model comes back in eval mode with gradients off; call :meth:`set_stage`
+        before training it further.
+        """
+        path = Path(path)
+        cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                raise InputError(f"{f}: missing (not a diffca-med model folder)")
+        try:
+            meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{cfg_file}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise InputError(f"{cfg_file}: not a diffca-med model config")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise InputError(f"{cfg_file}: model format version {meta['format_version']} is newer "
+                             f"than this diffca-med reads ({FORMAT_VERSION})")
+        config = ModelConfig.from_dict(meta["model"], source=str(cfg_file))
+        vit = vae = None
+        if meta.get("backbone_config"):
+            vit = dinov3_from_config_dict(meta["backbone_config"])
+        if meta.get("vae_config"):
+            from diffusers import AutoencoderKL
+
+            vc = {k: v for k, v in meta["vae_config"].items() if not k.startswith("_")}
+            vae = AutoencoderKL.from_config(vc)
+        model = cls(config, _vit=vit, _vae=vae)
+        try:
+            state = load_file(str(w_file), device=str(map_location))
+        except Exception as err:  # safetensors raises its own error types
+            raise InputError(f"{w_file}: cannot read weights ({err})") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(
+                f"{w_file}: weights do not match the config "
+                f"(missing {len(missing)}, unexpected {len(unexpected)}; e.g. "
+                f"{(list(missing) + list(unexpected))[0]})"
+            )
+        model.to(map_location)
+        # inference-ready: eval mode, nothing requires grad (set_stage() re-enables)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def num_parameters(self, stage: int | None = None) -> int:
+        params = self.parameters() if stage is None else self.trainable_parameters(stage)
+        return sum(p.numel() for p in params)

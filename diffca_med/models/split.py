@@ -1,0 +1,184 @@
+"""Stage 2: the common/salient split of the tokens, the adversary and its GRL weight.
+
+``SplitEncoder`` E maps tokens Z (B, T, D) to ``(Ẑ_C, Ẑ_S)`` with Ẑ = Ẑ_C + Ẑ_S:
+
+* a transformer over ``[CLS ; Z]``;
+* the salient embedding s = Linear(h_CLS) (B, d), the low-dimensional summary;
+* Ẑ_S is decoded from s alone (token-wise MLP of ``[s ; e_i]``), so s carries all
+  of the salient factor;
+* Ẑ_C = Z + Linear(h_i).
+Both output layers start at zero, so an untrained split is the identity
+(Ẑ_C = Z, Ẑ_S = 0) and a stage-1-only model reconstructs from Z unchanged.
+
+The adversary predicts the image's set from Ẑ_C through a gradient-reversal layer;
+:class:`GRLController` tunes the reversal weight so the adversary stays near chance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffca_med.models.config import ModelConfig
+
+
+@dataclass
+class SplitOutput:
+    """common (B, T, D), salient (B, T, D), salient_embedding (B, d)."""
+
+    common: torch.Tensor
+    salient: torch.Tensor
+    salient_embedding: torch.Tensor
+
+
+class SplitEncoder(nn.Module):
+    """E: tokens (B, T, D) → common (B, T, D), salient (B, T, D), embedding (B, d)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, t = config.token_dim, config.n_tokens
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, t + 1, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d, config.attention_heads, dim_feedforward=2 * d, dropout=0.0,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, config.split_depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.to_embedding = nn.Linear(d, config.salient_dim)
+        self.token_keys = nn.Parameter(torch.randn(t, 16) * 0.5)
+        self.salient_mlp = nn.Sequential(
+            nn.Linear(config.salient_dim + 16, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)
+        )
+        self.common_delta = nn.Linear(d, d)
+        for lin in (self.salient_mlp[-1], self.common_delta):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def salient_from_embedding(self, s: torch.Tensor) -> torch.Tensor:
+        """Salient tokens (B, T, D) decoded from embeddings s (B, d)."""
+        b, t = s.shape[0], self.token_keys.shape[0]
+        keys = self.token_keys.unsqueeze(0).expand(b, -1, -1)
+        return self.salient_mlp(torch.cat([s.unsqueeze(1).expand(-1, t, -1), keys], dim=-1))
+
+    def forward(self, tokens: torch.Tensor) -> SplitOutput:
+        b = tokens.shape[0]
+        h = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.pos
+        h = self.norm(self.transformer(h))
+        s = self.to_embedding(h[:, 0])
+        common = tokens + self.common_delta(h[:, 1:])
+        return SplitOutput(common=common, salient=self.salient_from_embedding(s), salient_embedding=s)
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.weight * grad, None
+
+
+def grad_reverse(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``-weight`` backward."""
+    return _ReverseGrad.apply(x, float(weight))
+
+
+class Adversary(nn.Module):
+    """Set classifier on the common tokens: (B, T, D) → logits (B,) (1 = target)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.adversary_hidden
+        self.net = nn.Sequential(
+            nn.Linear(config.n_tokens * config.token_dim, h), nn.SiLU(),
+            nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1),
+        )
+
+    def forward(self, common: torch.Tensor) -> torch.Tensor:
+        return self.net(common.flatten(1)).squeeze(1)
+
+
+class GRLController(nn.Module):
+    """Self-tuning gradient-reversal weight that keeps the adversary near chance.
+
+    State lives in buffers (``weight``, ``acc_ema``, ``steps``) so it checkpoints with
+    the model. After ``grl_warmup_steps`` updates, each update multiplies the weight by
+    ``exp(gain · (acc_ema − target) / 0.1)``: an adversary that is right more often than
+    chance gets a stronger reversal, one below chance a weaker one; clamped to
+    ``[grl_min, grl_max]`` (a floor of 1e-3 keeps the multiplicative rule alive).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gain, self.target, self.ema = config.grl_gain, config.grl_target, config.grl_ema
+        self.lo, self.hi = config.grl_min, config.grl_max
+        self.warmup = config.grl_warmup_steps
+        self.register_buffer("weight", torch.tensor(float(config.grl_init)))
+        self.register_buffer("acc_ema", torch.tensor(float(config.grl_target)))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, accuracy: float) -> None:
+        """Feed one batch accuracy of the adversary (0..1)."""
+        self.acc_ema.mul_(self.ema).add_((1.0 - self.ema) * float(accuracy))
+        self.steps.add_(1)
+        if int(self.steps) <= self.warmup:
+            return
+        factor = math.exp(self.gain * (float(self.acc_ema) - self.target) / 0.1)
+        new = max(float(self.weight), 1e-3) * factor
+        self.weight.fill_(min(max(new, self.lo), self.hi))
+
+
+def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Biased RBF-kernel MMD² between samples a (N, F) and b (M, F), median bandwidth."""
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return a.new_zeros(())
+    x = torch.cat([a, b], dim=0)
+    d2 = torch.cdist(x, x).pow(2)
+    bw = d2.detach().median().clamp_min(1e-6)
+    k = torch.exp(-d2 / bw)
+    n = a.shape[0]
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLController,
+                 tokens: torch.Tensor, labels: torch.Tensor, config: ModelConfig,
+                 salient_head: nn.Module | None = None, update_controller: bool = True):
+    """Token-level stage-2 losses (no denoiser term).
+
+    ``tokens`` Z (B, T, D) from the frozen stage 1; ``labels`` (B,) 0 background /
+    1 target. Returns (terms dict of scalar tensors with grad, SplitOutput, logs dict of
+    floats). The adversary's own loss and the reversed gradient to E both come from
+    the single ``adv`` term through :func:`grad_reverse`.
+    """
+    out = split(tokens)
+    bg = labels == 0
+    tg = labels == 1
+    zhat = out.common + out.salient
+    terms: dict[str, torch.Tensor] = {}
+    terms["token_rec"] = F.mse_loss(zhat, tokens)
+    if bg.any():
+        terms["bg_salient"] = out.salient[bg].pow(2).mean()
+    else:
+        terms["bg_salient"] = zhat.new_zeros(())
+    logits = adversary(grad_reverse(out.common, float(controller.weight)))
+    terms["adv"] = F.binary_cross_entropy_with_logits(logits, labels.float())
+    acc = ((logits.detach() > 0).long() == labels).float().mean()
+    if config.w_mmd > 0:
+        terms["mmd"] = mmd_rbf(out.common[tg].flatten(1), tokens[bg].flatten(1))
+    if config.w_salient_cls > 0 and salient_head is not None:
+        terms["salient_cls"] = F.binary_cross_entropy_with_logits(
+            salient_head(out.salient_embedding).squeeze(1), labels.float()
+        )
+    if update_controller:
+        controller.update(float(acc))
+    logs = {"adv_acc": float(acc), "grl_weight": float(controller.weight),
+            "adv_acc_ema": float(controller.acc_ema)}
+    return terms, out, logs
