@@ -63,3 +63,83 @@ def test_load_baseline_errors(tmp_path):
     (tmp_path / "baseline.json").write_text('{"kind": "nope"}')
     with pytest.raises(InputError, match="unknown baseline kind"):
         load_baseline(tmp_path)
+
+
+# ----------------------------------------------------------- diffusion baselines
+TINY_MODEL = dict(
+    unet_channels=[8, 16], attention_levels=[False, True], scratch_channels=[8, 8], token_dim=16,
+    attention_heads=2, n_queries=2, norm_groups=8, salient_dim=4, sample_steps=3, adversary_hidden=8,
+)
+
+
+def _tiny_cfg(store_path, steps=2):
+    from diffca_med.data.store import SliceStore
+    from diffca_med.training.config import config_from_dict
+
+    store = SliceStore(store_path)
+    return config_from_dict({
+        "data": {"modalities": list(store.modalities), "size": store.size},
+        "model": TINY_MODEL,
+        "stage1": {"steps": steps, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "sample_count": 0},
+    })
+
+
+def _slices(store_path, n=4):
+    from diffca_med.data.store import SliceStore
+
+    store = SliceStore(store_path)
+    return np.array(store.images[store.rows(split="train")[:n]], dtype=np.float32)
+
+
+def test_cfg_null_class_only_leaves_class_tokens_untrained(tiny_store):
+    import torch
+
+    from diffca_med.baselines.cfg_diffusion import CFGDiffusion
+
+    cfg = _tiny_cfg(tiny_store)
+    model = CFGDiffusion(cfg.model, p_uncond=1.0)
+    x = torch.from_numpy(_slices(tiny_store))
+    out = model.stage_loss(1, x, torch.tensor([0, 1, 0, 1]), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    g = model.class_tokens.grad
+    assert g[2].abs().sum() > 0  # the null class is used ...
+    assert g[:2].abs().sum() == 0  # ... and never the healthy / tumour classes
+
+
+def test_cfg_baseline_trains_through_the_loop_and_round_trips(tiny_store, tmp_path):
+    from diffca_med.baselines.cfg_diffusion import train_cfg_baseline
+
+    method, figures = train_cfg_baseline(tiny_store, _tiny_cfg(tiny_store), tmp_path / "run", progress=False)
+    assert figures["steps"] == 2 and (tmp_path / "run" / "logs" / "stage1.csv").is_file()
+    x = _slices(tiny_store)
+    ph = method.pseudo_healthy(x, batch_size=3)
+    assert ph.shape == x.shape and ph.min() >= 0.0 and ph.max() <= 1.0
+    assert np.allclose(method.pseudo_healthy(x), ph, atol=1e-5)  # deterministic (inverted noise)
+    method.save(tmp_path / "cfg")
+    again = load_baseline(tmp_path / "cfg")
+    assert again.inversion_depth == 0.5 and again.guidance == 3.0
+    assert np.allclose(again.pseudo_healthy(x, batch_size=3), ph, atol=1e-6)
+
+
+def test_ours_adapter_and_diffae_pca(tiny_store, tmp_path):
+    import torch
+
+    from diffca_med.baselines import DiffAEPCABaseline, DiffCAMethod
+    from diffca_med.models import DiffCAModel
+
+    cfg = _tiny_cfg(tiny_store)
+    torch.manual_seed(0)
+    model = DiffCAModel(cfg.model)
+    x = _slices(tiny_store, 6)
+    ours = DiffCAMethod(model, steps=2)
+    reps = ours.embed(x, batch_size=4)
+    assert reps["salient"].shape == (6, 4) and reps["common"].shape == (6, 16)
+    assert ours.pseudo_healthy(x, batch_size=4).shape == x.shape
+    dp = DiffAEPCABaseline.fit(model, x, n_components=3)
+    emb = dp.embed(x)["salient"]
+    assert emb.shape == (6, 3)
+    # PCA of the codes: centred on the fitted slices, components orthonormal.
+    assert np.allclose(emb.mean(0), 0, atol=1e-3)
+    assert np.allclose(dp.components.T @ dp.components, np.eye(3), atol=1e-4)
+    dp.save(tmp_path / "dp")
+    assert np.allclose(load_baseline(tmp_path / "dp").embed(x)["salient"], emb, atol=1e-5)
