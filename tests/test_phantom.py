@@ -107,12 +107,26 @@ def test_layout_files_names_and_headers(tmp_path, layout):
         meta = json.loads((out / "dataset.json").read_text())
         assert meta["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
         assert meta["labels"]["3"] == "enhancing tumour" and meta["numTraining"] == 2
-        # channel order FLAIR, T1w, T1gd, T2w: FLAIR has dark CSF, T2 bright CSF
-        data = _load(out / "imagesTr/BRATS_000.nii.gz")
-        brain = data[..., 0] > 0
-        assert np.median(data[..., 3][brain]) > 0
     if layout == "brats2021":
         assert 3 not in values
+
+
+def test_layouts_hold_the_same_subjects(tmp_path):
+    """Same seed, different layout: same voxels; MSD channels in FLAIR, T1w, T1gd, T2w order
+    and labels translated (BraTS 2023 NCR 1, ED 2, ET 3 -> MSD 2, 1, 3)."""
+    kw = dict(n_subjects=2, seed=4, grid="tiny", healthy_fraction=0.0, workers=1)
+    make_cohort(tmp_path / "b23", layout="brats2023", **kw)
+    make_cohort(tmp_path / "msd", layout="msd", **kw)
+    for i in range(2):
+        imgs, twins, seg = _subject(tmp_path / "b23", subject_id("brats2023", i))
+        sid = subject_id("msd", i)
+        data = _load(tmp_path / "msd" / "imagesTr" / f"{sid}.nii.gz")
+        twin = _load(tmp_path / "msd" / TRUTH_DIR / "imagesTr" / f"{sid}.nii.gz")
+        for c, m in enumerate(M.MSD_CHANNELS):
+            np.testing.assert_array_equal(data[..., c], imgs[m])
+            np.testing.assert_array_equal(twin[..., c], twins[m])
+        msd_seg = _load(tmp_path / "msd" / "labelsTr" / f"{sid}.nii.gz")
+        np.testing.assert_array_equal(msd_seg, np.select([seg == 1, seg == 2, seg == 3], [2, 1, 3], 0))
 
 
 def test_subtypes_labels_and_contrasts(cohort):
@@ -144,6 +158,24 @@ def test_subtypes_labels_and_contrasts(cohort):
             assert lab["NCR"] in present and row["n_lesions"] == 1
         if row["subtype"] == "multifocal_nodular":
             assert row["n_lesions"] >= 2
+
+
+def test_tissue_contrasts_of_healthy_anatomy():
+    from diffca_med.data.phantom import subject_rng
+    from diffca_med.data.phantom_anatomy import grid_anatomy, subject_tissue
+
+    subj = synthesise_subject("half", "healthy", 2, 0)
+    tissue = subject_tissue(grid_anatomy("half"), subject_rng(2, 0))  # the same draw
+    pure = {"wm": tissue.wm > 0.9, "gm": tissue.gm > 0.75,
+            "csf": (tissue.brain - tissue.gm - tissue.wm) > 0.75}
+    assert all(v.sum() > 100 for v in pure.values())
+    mean = {m: {t: float(np.median(subj.twins[m][v])) for t, v in pure.items()} for m in M.CANONICAL}
+    assert mean["t1"]["wm"] > mean["t1"]["gm"] > mean["t1"]["csf"]
+    assert mean["t2"]["csf"] > mean["t2"]["gm"] > mean["t2"]["wm"]
+    assert mean["flair"]["gm"] > mean["flair"]["wm"] > mean["flair"]["csf"]
+    assert mean["t1c"]["wm"] > mean["t1c"]["gm"] > mean["t1c"]["csf"]
+    brain = tissue.brain > 0.5
+    assert all((subj.twins[m][~brain] == 0).all() for m in M.CANONICAL)  # skull-stripped
 
 
 def test_twin_differs_only_around_the_tumour(cohort):
