@@ -30,6 +30,12 @@ COMMAND_MODULES = [
     "phantom",
     "prepare",
     "train",
+    "pseudo_healthy",
+    "swap",
+    "embed",
+    "subgroups",
+    "report",
+    "demo",
 ]
 
 for _name in COMMAND_MODULES:
