@@ -45,10 +45,14 @@ TRUTH_DIR = W.TRUTH_DIR
 #: Relative intensity of (CSF, GM, WM) per modality, before per-subject jitter.
 TISSUE_INTENSITY: dict[str, tuple[float, float, float]] = {
     "t1": (0.30, 0.62, 0.85),
-    "t1c": (0.33, 0.66, 0.87),  # slight enhancement of perfused grey matter and vessels/CSF
+    "t1c": (0.33, 0.66, 0.87),  # slight enhancement of perfused grey matter
     "t2": (1.00, 0.62, 0.45),
     "flair": (0.12, 0.68, 0.52),
 }
+
+#: Extra signal of the thin band at the brain surface (cortical veins, dural sinuses),
+#: which only enhances after contrast (faint, as in T1c scans).
+SURFACE_VESSELS: dict[str, float] = {"t1": 0.0, "t1c": 0.35, "t2": 0.0, "flair": 0.0}
 
 #: Columns of participants.tsv, in order.
 PARTICIPANT_COLUMNS: tuple[str, ...] = (
@@ -90,18 +94,22 @@ class _Modality:
 
 
 def _fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(CSF, GM, WM) fractions summing to 1 inside the brain (CSF = brain - GM - WM), float32."""
+    """(CSF, GM, WM) fractions summing to 1 inside the brain (CSF = brain - GM - WM) and
+    a surface band 4 b (1 - b) of the soft brain mask b (1 at its 0.5 edge), float32."""
     csf = np.clip(brain - gm - wm, 0.0, None)
     inv = np.float32(1.0) / np.maximum(gm + wm + csf, np.float32(1e-3))
-    return csf * inv, gm * inv, wm * inv
+    b = np.clip(brain, 0.0, 1.0)
+    return csf * inv, gm * inv, wm * inv, np.float32(4.0) * b * (np.float32(1.0) - b)
 
 
-def _tissue_signal(fractions: tuple[np.ndarray, ...], tissue: tuple) -> np.ndarray:
+def _tissue_signal(fractions: tuple[np.ndarray, ...], tissue: tuple, vessels: float) -> np.ndarray:
     """Noise-free relative signal: tissue intensities weighted by fractions, float32."""
-    f_csf, f_gm, f_wm = fractions
+    f_csf, f_gm, f_wm, surface = fractions
     out = f_csf * np.float32(tissue[0])
     out += f_gm * np.float32(tissue[1])
     out += f_wm * np.float32(tissue[2])
+    if vessels:
+        out += surface * np.float32(vessels)
     return out
 
 
@@ -122,7 +130,7 @@ def _acquire(signal: np.ndarray, brain: np.ndarray, mod: _Modality, where: tuple
 
 def _tumour_signal(t: Tumour, m: str, tissue: tuple) -> np.ndarray:
     """Signal in the tumour box: tissue (after mass effect) mixed with the lesion parts."""
-    base = _tissue_signal(_fractions(t.gm, t.wm, t.brain), tissue)
+    base = _tissue_signal(_fractions(t.gm, t.wm, t.brain), tissue, SURFACE_VESSELS[m])
     inten = t.intensity
     fc = np.clip(t.f_ncr + t.f_et, 0.0, 1.0)
     w = np.float32(t.ed_weight) * t.f_all
@@ -169,7 +177,8 @@ def synthesise_subject(grid: str, subtype: str, seed: int, index: int) -> Phanto
     twins = {}
     for m, mod in mods.items():
         vol = np.zeros(anat.grid.shape, dtype=np.float32)
-        vol[bb] = _acquire(_tissue_signal(fractions, mod.tissue), brain, mod, everything)
+        signal = _tissue_signal(fractions, mod.tissue, SURFACE_VESSELS[m])
+        vol[bb] = _acquire(signal, brain, mod, everything)
         twins[m] = vol
     labels = np.zeros(anat.grid.shape, dtype=np.uint8)
     images = twins
