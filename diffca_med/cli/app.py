@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "subgroups",
     "report",
     "demo",
+    "evaluate",
 ]
 
 for _name in COMMAND_MODULES:
