@@ -91,8 +91,8 @@ class ModelConfig:
     adversary_hidden: int = 64
     grl_init: float = 0.1
     grl_min: float = 0.0
-    grl_max: float = 5.0
-    grl_gain: float = 0.05
+    grl_max: float = 1.0
+    grl_gain: float = 0.01
     """Multiplicative step of the GRL controller per unit of accuracy error."""
     grl_target: float = 0.5
     """Adversary accuracy the controller aims at (chance for balanced batches)."""
@@ -105,7 +105,7 @@ class ModelConfig:
     w_adv: float = 1.0
     w_denoise: float = 0.0
     """Frozen-denoiser loss conditioned on Ẑ (costs a U-Net forward+backward)."""
-    w_mmd: float = 0.0
+    w_mmd: float = 1.0
     """MMD between Ẑ_C of target and Z of background images (peer term)."""
     w_salient_cls: float = 0.0
     """Logistic loss of a linear healthy/tumour head on the salient embedding."""

@@ -37,7 +37,13 @@ from diffca_med.models.conditioning import (
 from diffca_med.models.config import ModelConfig
 from diffca_med.models.denoiser import Denoiser
 from diffca_med.models.sampling import ddim_invert, ddim_sample, noise_to
-from diffca_med.models.split import Adversary, GRLController, SplitEncoder, split_losses
+from diffca_med.models.split import (
+    Adversary,
+    GRLController,
+    SplitEncoder,
+    split_losses,
+    weighted_loss,
+)
 
 FORMAT = "diffca-med-model"
 FORMAT_VERSION = 1
@@ -223,10 +229,7 @@ class DiffCAModel(nn.Module):
             x_t, t, target = self._noisy(x0, generator)
             pred = self.denoiser(x_t, t, split.common + split.salient)
             terms["denoise"] = F.mse_loss(pred, target)
-        weights = {"token_rec": cfg.w_token_rec, "bg_salient": cfg.w_bg_salient,
-                   "adv": cfg.w_adv, "denoise": cfg.w_denoise, "mmd": cfg.w_mmd,
-                   "salient_cls": cfg.w_salient_cls}
-        loss = sum(weights[k] * v for k, v in terms.items())
+        loss = weighted_loss(terms, cfg)
         out = {k: v.detach() for k, v in terms.items()}
         tg = labels == 1
         if tg.any():

@@ -148,6 +148,14 @@ def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
 
 
+def weighted_loss(terms: dict[str, torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Σ w_k · term_k with the stage-2 weights of ``config`` (terms absent count 0)."""
+    weights = {"token_rec": config.w_token_rec, "bg_salient": config.w_bg_salient,
+               "adv": config.w_adv, "denoise": config.w_denoise, "mmd": config.w_mmd,
+               "salient_cls": config.w_salient_cls}
+    return sum(weights[k] * v for k, v in terms.items())
+
+
 def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLController,
                  tokens: torch.Tensor, labels: torch.Tensor, config: ModelConfig,
                  salient_head: nn.Module | None = None, update_controller: bool = True):

@@ -1,0 +1,247 @@
+"""Tests of the Diff-CA model (tiny sizes: 16×16, a few channels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffca_med.errors import ConfigError, InputError
+from diffca_med.models import DiffCAModel, ModelConfig
+from diffca_med.models.sampling import ddim_invert, ddim_sample, ddim_timesteps
+from diffca_med.models.split import (
+    Adversary,
+    GRLController,
+    SplitEncoder,
+    split_losses,
+    weighted_loss,
+)
+
+TINY = dict(
+    image_size=16, scratch_channels=[8, 8], token_dim=16, n_queries=4, attention_heads=2,
+    unet_channels=[8, 16], attention_levels=[False, True], adversary_hidden=16,
+    intensity_bins=8, render_grid=4, sample_steps=4,
+)
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def images(b=4, seed=0, c=2, s=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, c, s, s, generator=g)
+    x[:, :, :2] = 0.0  # a background border, as in skull-stripped slices
+    return x
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ConfigError, match="n_querys"):
+        ModelConfig.from_dict({"n_querys": 4})
+    with pytest.raises(ConfigError, match="backbone"):
+        ModelConfig.from_dict({"backbone": "resnet"})
+    with pytest.raises(ConfigError, match="dinov3_path"):
+        ModelConfig(backbone="dinov3")
+    with pytest.raises(ConfigError, match="attention_levels"):
+        tiny(attention_levels=[True])
+    cfg = ModelConfig.from_dict(tiny().to_dict())
+    assert cfg == tiny()
+
+
+def test_shapes_and_additive_split():
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny()).eval()
+    x = images()
+    out = model.encode(x)
+    T, D = model.config.n_tokens, model.config.token_dim
+    assert out.tokens.shape == out.common.shape == out.salient.shape == (4, T, D)
+    assert out.salient_embedding.shape == (4, model.config.salient_dim)
+    assert torch.allclose(out.combined, out.common + out.salient)
+    # an untrained split is the identity: Ẑ_C = Z, Ẑ_S = 0
+    assert torch.allclose(out.common, out.tokens) and out.salient.abs().max() == 0
+    y = model.reconstruct(x, steps=2)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert model.interpolate(x[:2], x[2:], [0.0, 0.5, 1.0], steps=2).shape == (3, 2, 2, 16, 16)
+    assert model.swap(x[:2], x[2:], steps=2).shape == (2, 2, 16, 16)
+    with pytest.raises(InputError, match="expected shape"):
+        model.encode(torch.rand(2, 3, 16, 16))
+
+
+def test_stage_losses_and_freezing():
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny())
+    x, y = images(), torch.tensor([0, 1, 0, 1])
+    model.set_stage(1)
+    out = model.stage_loss(1, x, y)
+    out["loss"].backward()
+    assert {"loss", "diffusion", "render"} <= set(out)
+    assert model.denoiser.unet.conv_in.weight.grad is not None
+    assert model.split.cls.grad is None
+    model.zero_grad(set_to_none=True)
+    model.set_stage(2)
+    assert not any(p.requires_grad for p in model.denoiser.parameters())
+    assert not model.denoiser.training and model.split.training
+    out = model.stage_loss(2, x, y)
+    out["loss"].backward()
+    for key in ("adv_acc", "grl_weight", "bg_salient", "token_rec"):
+        assert key in out and out[key].ndim == 0
+    assert model.denoiser.unet.conv_in.weight.grad is None
+    assert model.adversary.net[0].weight.grad is not None
+    assert int(model.grl.steps) == 1
+    assert model.trainable_parameters(0) == []  # pixel space: no stage 0
+
+
+def test_save_load_roundtrip_and_seed(tmp_path):
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny())
+    model.grl.weight.fill_(0.7)
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = DiffCAModel.from_pretrained(tmp_path / "m")
+    x = images()
+    a = model.reconstruct(x, steps=3, seed=5)
+    assert torch.equal(a, loaded.reconstruct(x, steps=3, seed=5))
+    assert torch.equal(a, model.reconstruct(x, steps=3, seed=5))
+    assert not torch.equal(a, model.reconstruct(x, steps=3, seed=6))
+    assert float(loaded.grl.weight) == pytest.approx(0.7)
+    assert torch.equal(model.encode(x).salient_embedding, loaded.encode(x).salient_embedding)
+    assert not list(tmp_path.glob("*.tmp-*")) and not list((tmp_path / "m").glob("*.pt*"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{", encoding="utf-8")
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(InputError, match="config.json"):
+        DiffCAModel.from_pretrained(tmp_path / "bad")
+
+
+def test_latent_space_stage0_and_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny(space="latent", vae_channels=[8, 8], latent_channels=2))
+    x = images()
+    model.set_stage(0)
+    out = model.stage_loss(0, x, torch.zeros(4, dtype=torch.long))
+    out["loss"].backward()
+    assert float(model.latent_scale) != 1.0
+    model.set_stage(1)
+    model.stage_loss(1, x, torch.zeros(4, dtype=torch.long))["loss"].backward()
+    model.eval().requires_grad_(False)  # as from_pretrained returns it (same conv path)
+    model.save_pretrained(tmp_path / "lat")
+    loaded = DiffCAModel.from_pretrained(tmp_path / "lat")
+    assert torch.equal(model.reconstruct(x, steps=2), loaded.reconstruct(x, steps=2))
+
+
+def test_dinov3_backbone_from_local_folder(tmp_path):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    vit_cfg = DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, patch_size=4, image_size=16,
+                              num_register_tokens=1)
+    DINOv3ViTModel(vit_cfg).save_pretrained(tmp_path / "dino")
+    model = DiffCAModel(tiny(backbone="dinov3", dinov3_path=str(tmp_path / "dino"),
+                             backbone_input_size=16))
+    model.set_stage(1)
+    vit = model.conditioner.backbone.vit
+    before = next(vit.parameters()).clone()
+    opt = torch.optim.AdamW(model.trainable_parameters(1), lr=1e-2)
+    loss = model.stage_loss(1, images(), torch.zeros(4, dtype=torch.long))["loss"]
+    loss.backward()
+    opt.step()
+    assert torch.equal(before, next(vit.parameters()))  # frozen
+    assert all(id(p) not in {id(q) for q in vit.parameters()} for p in model.trainable_parameters(1))
+    model.eval().save_pretrained(tmp_path / "m")
+    loaded = DiffCAModel.from_pretrained(tmp_path / "m")  # no need for the DINOv3 folder
+    assert torch.equal(model.encode(images()).tokens, loaded.encode(images()).tokens)
+    with pytest.raises(ConfigError, match="missing-dino"):
+        DiffCAModel(tiny(backbone="dinov3", dinov3_path=str(tmp_path / "missing-dino")))
+
+
+def test_ddim_timesteps_bounds_and_inversion_roundtrip():
+    ts = ddim_timesteps(1000, 20)
+    assert ts[0] == 999 and ts[-1] >= 0 and ts == sorted(ts, reverse=True) and len(ts) == 20
+    assert ddim_timesteps(10, 50) == list(range(9, -1, -1))
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    x0 = torch.randn(2, 1, 4, 4)
+
+    def oracle(x_t, t):  # ε-predictor that knows x0: inversion must be exact
+        a = ac[t].view(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+    xt, k = ddim_invert(oracle, x0, ac, "epsilon", steps=10, depth=0.5)
+    assert k == 5
+    back = ddim_sample(oracle, xt, ac, "epsilon", steps=10, start_index=k, clip=None)
+    assert torch.allclose(back, x0, atol=1e-4)
+
+
+def test_split_toy_background_salient_near_zero():
+    """Tokens = common noise (+ a salient direction for targets only): the split must
+    put nothing in the salient part of background samples, and something in targets."""
+    torch.manual_seed(0)
+    cfg = tiny(grl_warmup_steps=20)
+    T, D = cfg.n_tokens, cfg.token_dim
+    direction = torch.randn(T, D)
+    direction = direction / direction.norm() * (T * D) ** 0.5  # unit RMS per element
+
+    def batch(n=32):
+        labels = torch.arange(n) % 2
+        amp = 0.5 + torch.rand(n)
+        z = torch.randn(n, T, D) + labels.view(-1, 1, 1) * amp.view(-1, 1, 1) * direction
+        return z, labels
+
+    split, adv, grl = SplitEncoder(cfg), Adversary(cfg), GRLController(cfg)
+    opt = torch.optim.Adam(list(split.parameters()) + list(adv.parameters()), lr=3e-3)
+    for _ in range(300):
+        z, y = batch()
+        terms, _, _ = split_losses(split, adv, grl, z, y, cfg)
+        loss = weighted_loss(terms, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z, y = batch(256)
+    with torch.no_grad():
+        out = split(z)
+    bg = out.salient[y == 0].pow(2).mean()
+    tg = out.salient[y == 1].pow(2).mean()
+    assert bg < 0.05 * tg, (float(bg), float(tg))
+    assert (out.common + out.salient - z).pow(2).mean() < 0.05  # the split still describes Z
+    # the salient embedding separates the sets by a margin
+    s = out.salient_embedding
+    dist = (s - s[y == 0].mean(0)).norm(dim=1)
+    assert dist[y == 1].min() > dist[y == 0].max() * 0.5 or dist[y == 1].mean() > 5 * dist[y == 0].mean()
+
+
+def test_grl_controller_tracks_accuracy():
+    ctrl = GRLController(tiny(grl_warmup_steps=0, grl_init=0.1, grl_ema=0.0))
+    for _ in range(20):
+        ctrl.update(0.9)
+    assert float(ctrl.weight) > 0.1
+    high = float(ctrl.weight)
+    for _ in range(20):
+        ctrl.update(0.2)
+    assert float(ctrl.weight) < high
+    assert {"weight", "acc_ema", "steps"} <= set(ctrl.state_dict())
+
+
+@pytest.mark.slow
+def test_inverted_noise_reconstructs_closer_than_fresh():
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny())
+    x = images(8, seed=3)
+    model.set_stage(1)
+    opt = torch.optim.AdamW(model.trainable_parameters(1), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        loss = model.stage_loss(1, x, torch.zeros(8, dtype=torch.long), generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    fresh = (model.reconstruct(x, noise="fresh", steps=10) - x).pow(2).mean()
+    inv = (model.reconstruct(x, noise="inverted", steps=10) - x).pow(2).mean()
+    assert inv < fresh, (float(inv), float(fresh))
