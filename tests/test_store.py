@@ -159,6 +159,13 @@ def test_geometry_round_trip(tmp_path, affine):
         # the brain mask lands back on the brain
         mask = st.to_volume(sub, st.brain[rows], order=0) > 0
         assert ((mask & brain).sum() / brain.sum()) > 0.9
+        # the RAS crop box of geometry.json bounds the brain of the reoriented volume
+        geom = st.geometry[sub]
+        ras_brain = nib.orientations.apply_orientation(brain, np.asarray(geom["ornt"]))
+        assert list(ras_brain.shape) == geom["ras_shape"]
+        nz = [np.flatnonzero(ras_brain.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        assert [int(v[0]) for v in nz] == geom["crop_start"] and [int(v[-1]) + 1 for v in nz] == geom["crop_end"]
+        assert list(st.index.loc[rows, "slice"]) == list(range(geom["crop_start"][2], geom["crop_end"][2]))
         # a volume saved with the source affine overlays the source file
         src = nib.load(str(st.source_files(sub)["t1"].path))
         assert np.allclose(st.source_affine(sub), src.affine)

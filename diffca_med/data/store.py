@@ -14,6 +14,15 @@ Store folder (docs/architecture.md, "The slice store"):
 ``geometry.json``   per subject: how to put slices back into the original NIfTI grid
 ==================  =========================================================================
 
+``geometry.json`` entry of a subject: ``shape`` (X, Y, Z) and ``affine`` (4x4) of the
+source grid; ``source_crop_start``/``source_crop_end`` the brain's bounding box in source
+voxel indices (end exclusive); ``ornt`` the nibabel orientation transform source -> RAS;
+``ras_shape`` the reoriented full volume's shape and ``crop_start``/``crop_end`` the same
+box in it (axial slice k of the store = RAS z index ``crop_start[2] + k``); ``square``
+(in-plane side after symmetric padding), ``pad`` ([[before, after] along x, along y]),
+``size``, ``first_slice``, ``n_slices``; ``intensity``: modality -> [lo, hi] source
+intensities mapped to 0 and 1.
+
 In-plane orientation of a stored slice: rows run anterior -> posterior, columns
 left -> right (patient's left on the image's left), i.e. ``slice[h, w] = ras[w, H-1-h]``
 on the resized RAS grid, so ``imshow`` shows a conventional axial view.
@@ -81,21 +90,18 @@ def slices_to_volume(geometry: dict, slices: np.ndarray, order: int = 1) -> np.n
         if order == 1:
             t = torch.nn.functional.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)
         else:
-            t = torch.nn.functional.interpolate(t, size=(s, s), mode="nearest")
+            t = torch.nn.functional.interpolate(t, size=(s, s), mode="nearest-exact")
     (bx, ax), (by, ay) = geometry["pad"]
-    t = t[:, :, bx : s - ax, by : s - ay]  # undo the square padding
-    x0, y0, z0 = geometry["crop_start"]
-    x1, y1, z1 = geometry["crop_end"]
-    c = t.shape[1]
-    ras = np.zeros((*geometry["ras_shape"], c), dtype=np.float32)
-    ras[x0:x1, y0:y1, z0:z1, :] = t.permute(2, 3, 0, 1).numpy()
-    # inverse of the original -> RAS orientation transform (MONAI's Orientationd uses the
-    # same nibabel io_orientation of the affine)
+    t = t[:, :, bx : s - ax, by : s - ay]  # undo the square padding -> (D, C, x, y)
+    box = t.permute(2, 3, 0, 1).numpy()  # the brain's box in RAS order (x, y, z, C)
+    # undo the reorientation (MONAI's Orientationd uses nibabel's io_orientation too)
     inverse = nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(np.asarray(geometry["affine"]))
     )
-    vol = nib.orientations.apply_orientation(ras, inverse)
-    vol = np.ascontiguousarray(vol).astype(out_dtype, copy=False)
+    box = nib.orientations.apply_orientation(box, inverse)
+    vol = np.zeros((*geometry["shape"], box.shape[-1]), dtype=out_dtype)
+    region = tuple(slice(a, b) for a, b in zip(geometry["source_crop_start"], geometry["source_crop_end"]))
+    vol[region] = box
     return vol[..., 0] if squeeze else vol
 
 

@@ -125,33 +125,35 @@ def process_subject(subject: SubjectFiles, key: str, parts: str, cfg: dict) -> d
     for ref in subject.images.values():
         if ref.path not in paths:
             paths.append(ref.path)
-    if len(paths) == 1 and next(iter(subject.images.values())).channel is not None:
-        indices = [ref.channel for ref in subject.images.values()]  # one 4-D file (MSD)
-    else:
-        indices = [paths.index(ref.path) for ref in subject.images.values()]
     chain = build_chain(
-        channel_indices=indices,
         has_seg=subject.seg is not None,
         size=cfg["size"],
         image_reader=image_reader,
         seg_reader=seg_reader,
         percentiles=tuple(cfg["percentiles"]),
     )
-    data: dict = {"image": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "name": subject.subject}
-    if subject.seg is not None:
-        data["seg"] = str(subject.seg)
+    data: dict = {
+        "files": [str(p) for p in paths],
+        "channels": [(paths.index(ref.path), ref.channel) for ref in subject.images.values()],
+        "seg": str(subject.seg) if subject.seg is not None else None,
+        "name": subject.subject,
+    }
     out = run_chain(chain, data)
 
-    img = out["image"]
-    affine = np.asarray(img.meta["original_affine"], dtype=np.float64)
-    shape = [int(v) for v in img.meta["spatial_shape"]][:3]
+    affine = np.asarray(out["source_affine"], dtype=np.float64)
+    shape = list(out["source_shape"])
+    start, end = list(out["crop_start"]), list(out["crop_end"])
     ornt = ras_orientation(affine)
-    ras_shape = [0, 0, 0]
-    for axis, (new_axis, _flip) in enumerate(ornt):
-        ras_shape[int(new_axis)] = shape[axis]
-    start = [int(v) for v in np.asarray(out["foreground_start_coord"])]
-    end = [int(v) for v in np.asarray(out["foreground_end_coord"])]
+    # the same box in the reoriented (RAS) full volume
+    ras_shape, ras_start, ras_end = [0, 0, 0], [0, 0, 0], [0, 0, 0]
+    for axis, (new_axis, flip) in enumerate(ornt):
+        j = int(new_axis)
+        ras_shape[j] = shape[axis]
+        ras_start[j] = start[axis] if flip > 0 else shape[axis] - end[axis]
+        ras_end[j] = end[axis] if flip > 0 else shape[axis] - start[axis]
+    first_slice = ras_start[2]  # axial index of the first stored slice in the RAS volume
 
+    img = out["image"]
     # (C, size, size, D) over (x, y, z) -> (D, C, H, W) display slices
     images = ras_to_display(np.moveaxis(np.asarray(img.numpy(), dtype=np.float32), -1, 0))
     brain = ras_to_display(np.moveaxis(np.asarray(out["brain"].numpy())[0], -1, 0)).astype(np.uint8)
@@ -164,14 +166,16 @@ def process_subject(subject: SubjectFiles, key: str, parts: str, cfg: dict) -> d
     geometry = {
         "shape": shape,
         "affine": affine.tolist(),
+        "source_crop_start": start,
+        "source_crop_end": end,
         "ornt": ornt.tolist(),
         "ras_shape": ras_shape,
-        "crop_start": start,
-        "crop_end": end,
+        "crop_start": ras_start,
+        "crop_end": ras_end,
         "square": int(out["square"]["square"]),
         "pad": out["square"]["pad"],
         "size": int(cfg["size"]),
-        "first_slice": start[2],
+        "first_slice": int(first_slice),
         "n_slices": int(images.shape[0]),
         "intensity": {m: [float(v) for v in lohi] for m, lohi in zip(subject.images, out["intensity"])},
     }
@@ -179,7 +183,7 @@ def process_subject(subject: SubjectFiles, key: str, parts: str, cfg: dict) -> d
         "subject": subject.subject,
         "parts": parts_paths,
         "n_slices": int(images.shape[0]),
-        "first_slice": start[2],
+        "first_slice": int(first_slice),
         "tumour_voxels": tumour_voxels.tolist(),
         "tumour_pixels": (seg > 0).sum(axis=(1, 2)).tolist(),
         "brain_pixels": brain.sum(axis=(1, 2), dtype=np.int64).tolist(),
