@@ -174,7 +174,7 @@ def cluster(
         from sklearn.cluster import HDBSCAN
 
         mcs = min_cluster_size or max(3, n // 20)
-        labels = HDBSCAN(min_cluster_size=min(mcs, n)).fit_predict(x)
+        labels = HDBSCAN(min_cluster_size=min(mcs, n), copy=True).fit_predict(x)
         k_found = len(set(labels.tolist()) - {-1})
         return Clustering(labels, k_found, _silhouette(x, labels, seed))
     if k is not None:

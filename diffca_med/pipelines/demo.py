@@ -167,6 +167,8 @@ def run_demo(out: str | Path, options: DemoOptions | None = None, progress: bool
          lambda: run_embed(model_dir, store_dir, emb_dir, progress=progress))
     step(5, "subgroups", (sg_dir / "summary.json").is_file(),
          lambda: run_subgroups(emb_dir, sg_dir, clinical=data / "participants.tsv", seed=options.seed,
+                               # quick: PCA only (UMAP's JIT compilation alone takes longer than the rest)
+                               maps=("pca",) if options.quick else ("pca", "umap"),
                                levels=("subject",) if options.quick else ("subject", "slice")))
     step(6, "report", (rep_dir / "index.html").is_file(),
          lambda: build_report(ph_dir, rep_dir, subgroups=sg_dir, title="diffca-med demo · synthetic cohort"))
