@@ -315,5 +315,6 @@ def train_stage(
     if start < sc.steps:
         checkpoint(sc.steps, complete=True)
         samples(sc.steps)
-    accelerator.free_memory()
+    if device.type == "cuda":  # gc + cache release; a needless ~0.5 s on CPU
+        accelerator.free_memory()
     return StageResult(stage, start, sc.steps, seconds, images_per_step * (sc.steps - start), last_row)
