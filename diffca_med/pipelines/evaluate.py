@@ -440,22 +440,28 @@ TABLE_COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 
+_MISSING = object()
+
+
 def _get(d: dict, path: tuple[str, ...]):
+    """Value at ``path``, or ``_MISSING`` when the method has no such output."""
     for key in path:
         if not isinstance(d, dict) or key not in d:
-            return None
+            return _MISSING
         d = d[key]
     return d
 
 
 def _fmt(value, fmt: str) -> str:
-    if value is None:
+    """Table cell: '–' no such output, 'n/a' undefined (NaN / JSON null), '∞' infinite."""
+    if value is _MISSING:
         return "–"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        if math.isinf(value):
-            return "∞" if value > 0 else "−∞"
+    if value in ("inf", "-inf"):  # infinities as written by :func:`jsonable`
+        value = float(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "−∞"
     return fmt.format(value)
 
 
@@ -466,7 +472,7 @@ def markdown_table(results: list[dict[str, Any]], names: list[str] | None = None
     (e.g. no tumour in the split); "∞" = identical images (PSNR).
     """
     names = names or [r["method"] for r in results]
-    cols = [c for c in TABLE_COLUMNS if any(_get(r, c[1]) is not None for r in results)]
+    cols = [c for c in TABLE_COLUMNS if any(_get(r, c[1]) is not _MISSING for r in results)]
     head = "| method | " + " | ".join(c[0] for c in cols) + " |"
     sep = "|---|" + "---|" * len(cols)
     lines = [head, sep]
