@@ -263,3 +263,19 @@ def test_tiny_subject_is_fast():
     for i, sub in enumerate(SUBTYPES):
         synthesise_subject("tiny", sub, 0, i)
     assert (time.perf_counter() - t0) / len(SUBTYPES) < 1.0
+
+
+def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
+    import diffca_med.data.phantom as phantom
+
+    real = phantom._make_one
+
+    def flaky(job):
+        if job[-1] == 1:
+            raise RuntimeError("disk full")
+        return real(job)
+
+    monkeypatch.setattr(phantom, "_make_one", flaky)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_cohort(tmp_path / "out", n_subjects=2, grid="tiny", workers=1)
+    assert list(tmp_path.iterdir()) == []
