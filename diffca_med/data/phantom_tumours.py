@@ -163,6 +163,7 @@ def _norm_mm(mat: np.ndarray, off: np.ndarray, spacing: float) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a boolean mask (the mask itself if <= 1)."""
     lab, n = ndimage.label(mask)
     if n <= 1:
         return mask
