@@ -10,7 +10,8 @@ Steps (each cached in ``--work``; a re-run skips finished steps unless ``--fresh
 5. fit cPCA (train-split slices) and DiffAE-PCA (our stage-1 codes of the train split);
 6. evaluate every method on the test subjects (``diffca_med.pipelines.evaluate``):
    identity, Diff-CA, CFG diffusion, cPCA, DiffAE-PCA;
-7. run ``benchmarks/prepare.py`` (prepare vs plain decoding) for the speed section;
+7. time plain decoding of the cohort's files (``benchmarks/prepare.py``'s timer) against
+   step 2 for the prepare ratio (``--prepare-bench``: also that script's own 20-subject run);
 8. write ``RESULTS.md``: one row per method and one column per metric, the date, the
    machine, the command, the run time, the speed figures and the targets of issue 5.
 
@@ -18,6 +19,7 @@ Usage::
 
     python benchmarks/run_all.py [--subjects 48] [--config cpu-demo] [--set KEY=VALUE ...]
                                  [--slice-stride 2] [--work DIR] [--results benchmarks/RESULTS.md]
+                                 [--prepare-bench] [--fresh]
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ def parse_args(argv=None):
                    help="working folder (cohort, store, runs, metrics); reused across runs")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown report to write")
     p.add_argument("--fresh", action="store_true", help="ignore cached steps in --work")
-    p.add_argument("--skip-prepare-bench", action="store_true",
-                   help="do not run benchmarks/prepare.py (20 full-size subjects)")
+    p.add_argument("--prepare-bench", action="store_true",
+                   help="also run benchmarks/prepare.py (builds and prepares 20 full-size subjects: minutes)")
     return p.parse_args(argv)
 
 
@@ -212,7 +214,26 @@ def main(argv=None) -> None:
         steps.run(f"evaluate_{name}", (out / "metrics.json").is_file(), run_eval)
         results[name] = json.loads((out / "metrics.json").read_text())
 
-    # 7. prepare speed (helper script of issue 2)
+    # 7. prepare speed: prepare's time (step 2) against plain nibabel decoding of the same
+    # files with the same number of processes (benchmarks/prepare.py's timer), on this
+    # cohort; --prepare-bench also runs that script on its 20 full-size subjects.
+    def decode_cohort():
+        import importlib.util
+
+        from diffca_med.data.layouts import discover
+
+        spec = importlib.util.spec_from_file_location("prepare_bench", HERE / "prepare.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["prepare_bench"] = mod  # its worker function must pickle by module name
+        spec.loader.exec_module(mod)
+        files = [str(f) for s in discover(cohort) for f in s.files()]
+        for f in files:  # page cache warm, as for prepare right after the phantom was written
+            Path(f).read_bytes()
+        return {"files": len(files), "seconds": round(mod.time_decode(files, os.cpu_count() or 1), 2),
+                "workers": os.cpu_count()}
+
+    decode_info = steps.run("decode_cohort", "decode_cohort" in steps.times, decode_cohort)
+
     def prepare_bench():
         cmd = [sys.executable, str(HERE / "prepare.py"), "--repeats", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,12 +243,12 @@ def main(argv=None) -> None:
                 "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
 
     prep_info = None
-    if not args.skip_prepare_bench:
+    if args.prepare_bench:
         prep_info = steps.run("prepare_benchmark", "prepare_benchmark" in steps.times, prepare_bench)
 
     total = time.perf_counter() - t_start
     load = (load_start, os.getloadavg()[0])
-    write_results(args.results, results, steps, ours_info, cfg_info, prep_info, command, started, total, store,
+    write_results(args.results, results, steps, ours_info, cfg_info, (decode_info, prep_info), command, started, total, store,
                   cfg, args.steps or cfg.model.sample_steps, load)
     print(f"wrote {args.results}")
 
@@ -340,13 +361,21 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
             lines.append(f"- {LABELS[n]} pseudo-healthy sampling: {t['seconds_per_slice']:.3f} s per slice, "
                          f"{t['seconds_per_subject_volume']:.1f} s per subject volume "
                          f"(× the mean number of stored slices per subject)")
+    decode_info, prep_info = prep_info
+    prep_s = steps.times.get("prepare", {}).get("seconds")
+    if decode_info and prep_s:
+        lines.append(
+            f"- prepare of this cohort: {prep_s:.1f} s ({len(store)} slices, {len(store) / prep_s:.0f} slices/s) vs "
+            f"plain nibabel decoding of its {decode_info['files']} files with {decode_info['workers']} processes "
+            f"{decode_info['seconds']:.1f} s → ratio {prep_s / decode_info['seconds']:.2f} "
+            f"({store.meta['source_root']}, grid of the phantom above)")
     if prep_info:
         lines.append(f"- prepare vs plain nibabel decoding (`{prep_info['command']}`):")
         lines += [f"    - {ln}" for ln in prep_info["lines"]]
         if prep_info.get("returncode"):
             lines.append(f"    - benchmarks/prepare.py failed: {prep_info.get('stderr_tail', '')}")
     else:
-        lines.append("- prepare ratio: not measured in this run (--skip-prepare-bench)")
+        lines.append("- benchmarks/prepare.py (20 full-size subjects) not run here (--prepare-bench runs it)")
     lines.append("")
     lines.append("Raw metrics: `metrics.json` per method under the work folder's `eval/`.")
     path.parent.mkdir(parents=True, exist_ok=True)
