@@ -43,6 +43,7 @@ ORDER = ["identity", "diffca", "cfg_diffusion", "cpca", "diffae_pca"]
 LABELS = {
     "identity": "identity (input unchanged)",
     "diffca": "**Diff-CA (ours)**",
+    "diffca_fresh": "Diff-CA (ours), fresh noise",
     "cfg_diffusion": "CFG diffusion (Sanchez et al. 2022)",
     "cpca": "cPCA (contrastive)",
     "diffae_pca": "DiffAE + PCA (stage 1 alone)",
@@ -105,6 +106,8 @@ def parse_args(argv=None):
                    help="working folder (cohort, store, runs, metrics); reused across runs")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown report to write")
     p.add_argument("--fresh", action="store_true", help="ignore cached steps in --work")
+    p.add_argument("--also-fresh", action="store_true",
+                   help="also evaluate Diff-CA from fresh noise (the default is DDIM-inverted noise)")
     p.add_argument("--prepare-bench", action="store_true",
                    help="also run benchmarks/prepare.py (builds and prepares 20 full-size subjects: minutes)")
     return p.parse_args(argv)
@@ -200,13 +203,16 @@ def main(argv=None) -> None:
     # 6. evaluation
     opts = EvaluateOptions(split="test", threshold_split="val", slice_stride=args.slice_stride, seed=args.seed)
     sampling = SamplingOptions(steps=args.steps)
-    paths = {"diffca": ours_dir / "model", **{n: work / "methods" / n for n in ORDER if n != "diffca"}}
+    paths = {"diffca": ours_dir / "model", "diffca_fresh": ours_dir / "model",
+             **{n: work / "methods" / n for n in ORDER if not n.startswith("diffca")}}
+    order = ORDER[:2] + (["diffca_fresh"] if args.also_fresh else []) + ORDER[2:]
     results = {}
-    for name in ORDER:
+    for name in order:
         out = work / "eval" / name
 
         def run_eval(name=name, out=out):
-            method = load_method(paths[name], sampling)
+            how = SamplingOptions(noise="fresh", steps=args.steps) if name == "diffca_fresh" else sampling
+            method = load_method(paths[name], how)
             result = evaluate_method(method, store, truth, None, opts, info=print)
             result["model"] = str(paths[name])
             write_outputs(result, out)
@@ -301,7 +307,7 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
                   ddim_steps: int, load: tuple[float, float]):
     from diffca_med.pipelines.evaluate import markdown_table
 
-    names = [n for n in ORDER if n in results]
+    names = [n for n in list(LABELS) if n in results]
     r0 = results[names[0]]
     idx = store.index
     test = idx[idx["split"] == "test"]
@@ -321,7 +327,8 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
         f"{r0['slices']} slices (every {r0['options']['slice_stride']}th; {r0['tumour_slices']} tumour), "
         f"of {test['subject'].nunique()} test subjects / {len(test)} slices",
         f"- generation: DDIM {ddim_steps} steps; "
-        "Diff-CA from DDIM-inverted noise (depth 1); CFG diffusion inverted to depth 0.5, guidance 3",
+        "Diff-CA from DDIM-inverted noise (depth 1; the 'fresh noise' row, if any: seeded Gaussian noise); "
+        "CFG diffusion inverted to depth 0.5, guidance 3",
         "",
         "## Results (test subjects)",
         "",

@@ -327,7 +327,8 @@ def _embedding_metrics(
     subjects = idx["subject"].to_numpy()
     labels = idx["label"].to_numpy()
     tumour_rows = labels == "tumour"
-    first = idx.groupby("subject")["slice"].transform("min").to_numpy()
+    # Axial position in [0, 1] within the subject's stored brain box (bottom to top).
+    first = np.array([store.geometry[s]["first_slice"] for s in subjects], dtype=np.float64)
     n = np.array([store.geometry[s]["n_slices"] for s in subjects], dtype=np.float64)
     position = (idx["slice"].to_numpy() - first) / np.maximum(n - 1, 1)
     targets = {
