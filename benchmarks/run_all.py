@@ -173,6 +173,7 @@ def main(argv=None) -> None:
     def train_cfg():
         method, figures = train_cfg_baseline(store_dir, cfg, work / "cfg_run", progress=True, warn=print)
         method.save(cfg_dir)
+        figures["denoiser_parameters"] = sum(p.numel() for p in method.model.denoiser.parameters())
         return figures
 
     cfg_info = steps.run("train_cfg_diffusion", (cfg_dir / "baseline.json").is_file(), train_cfg)
@@ -354,6 +355,15 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
         "## Speed",
         "",
     ]
+    from diffca_med.models import DiffCAModel
+
+    ours_model = DiffCAModel.from_pretrained(Path(results["diffca"]["model"]))
+    n_den = sum(p.numel() for p in ours_model.denoiser.parameters())
+    lines.append(f"- model sizes: Diff-CA {ours_model.num_parameters() / 1e6:.2f} M parameters, of which the "
+                 f"denoiser (U-Net + token renderer) {n_den / 1e6:.2f} M"
+                 + (f"; CFG diffusion denoiser {cfg_info['denoiser_parameters'] / 1e6:.2f} M (same config), "
+                    "trained with Diff-CA's stage-1 schedule (steps, batch, learning rate, EMA) by the same loop"
+                    if cfg_info and "denoiser_parameters" in cfg_info else ""))
     if ours_info:
         for s in ours_info.get("stages", []):
             lines.append(f"- Diff-CA training, stage {s['stage']}: {s['steps']} steps in {s['seconds']:.0f} s, "

@@ -106,6 +106,7 @@ def test_cfg_null_class_only_leaves_class_tokens_untrained(tiny_store):
     assert g[:2].abs().sum() == 0  # ... and never the healthy / tumour classes
 
 
+@pytest.mark.slow
 def test_cfg_baseline_trains_through_the_loop_and_round_trips(tiny_store, tmp_path):
     from diffca_med.baselines.cfg_diffusion import train_cfg_baseline
 

@@ -131,3 +131,21 @@ def test_missing_twin_names_the_file(tiny_store, truth, identity_dir, tmp_path):
                               "--ground-truth", str(fake), "--split", "train"])
     assert res.exit_code == 2
     assert victim.name in res.output and "twin missing" in res.output
+
+
+def test_table_and_json_conventions():
+    from diffca_med.pipelines.evaluate import jsonable, markdown_table
+
+    a = {"method": "a", "counterfactual": {"healthy_psnr": float("inf"), "tumour_psnr": float("nan")}}
+    b = {"method": "b", "embedding": {"subgroups": {"ari": 0.5}}}
+    assert jsonable(a)["counterfactual"] == {"healthy_psnr": "inf", "tumour_psnr": None}
+    json.dumps(jsonable(a), allow_nan=False)  # strict JSON
+    for rows in ([a, b], [jsonable(a), b]):  # fresh results and results read back from JSON
+        table = markdown_table(rows).splitlines()
+        header = [c.strip() for c in table[0].split("|")[1:-1]]
+        row_a = dict(zip(header, [c.strip() for c in table[2].split("|")[1:-1]]))
+        row_b = dict(zip(header, [c.strip() for c in table[3].split("|")[1:-1]]))
+        assert row_a["healthy-region PSNR (dB)"] == "∞"
+        assert row_a["tumour PSNR vs twin (dB)"] == "n/a"
+        assert row_a["subgroup ARI"] == "–" and row_b["subgroup ARI"] == "0.500"
+        assert "pixel AUPRC" not in header  # no method has it
