@@ -70,12 +70,18 @@ def machine() -> str:
 class Steps:
     """Per-step wall times, kept in ``work/steps.json`` so reused steps keep their time."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, report_only: bool = False):
         self.file = work / "steps.json"
         self.times: dict[str, dict] = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self.reused: set[str] = set()
+        self.skipped: list[str] = []
+        self.report_only = report_only
 
     def run(self, name: str, done: bool, fn):
+        if self.report_only and not (done and name in self.times):
+            self.skipped.append(name)
+            print(f"[{name}] not done; skipped (--report-only)", flush=True)
+            return None
         if done and name in self.times:
             self.reused.add(name)
             print(f"[{name}] reused ({self.times[name]['seconds']:.1f} s when it ran)", flush=True)
@@ -106,6 +112,9 @@ def parse_args(argv=None):
                    help="working folder (cohort, store, runs, metrics); reused across runs")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="markdown report to write")
     p.add_argument("--fresh", action="store_true", help="ignore cached steps in --work")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing new: write RESULTS.md from the steps already finished in --work "
+                        "(missing ones are listed as not run)")
     p.add_argument("--also-fresh", action="store_true",
                    help="also evaluate Diff-CA from fresh noise (the default is DDIM-inverted noise)")
     p.add_argument("--prepare-bench", action="store_true",
@@ -142,7 +151,7 @@ def main(argv=None) -> None:
 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(work)
+    steps = Steps(work, report_only=args.report_only)
     cohort, store_dir = work / "cohort", work / "store"
     truth = cohort / "derivatives" / "phantom-truth"
     overrides = list(args.overrides) + [f"data.val_fraction={args.val_fraction}",
@@ -219,7 +228,8 @@ def main(argv=None) -> None:
             write_outputs(result, out)
 
         steps.run(f"evaluate_{name}", (out / "metrics.json").is_file(), run_eval)
-        results[name] = json.loads((out / "metrics.json").read_text())
+        if (out / "metrics.json").is_file():
+            results[name] = json.loads((out / "metrics.json").read_text())
 
     # 7. prepare speed: prepare's time (step 2) against plain nibabel decoding of the same
     # files with the same number of processes (benchmarks/prepare.py's timer), on this
@@ -256,7 +266,7 @@ def main(argv=None) -> None:
     total = time.perf_counter() - t_start
     load = (load_start, os.getloadavg()[0])
     write_results(args.results, results, steps, ours_info, cfg_info, (decode_info, prep_info), command, started, total, store,
-                  cfg, args.steps or cfg.model.sample_steps, load)
+                  cfg, args.steps or cfg.model.sample_steps, load, ours_dir / "model")
     print(f"wrote {args.results}")
 
 
@@ -277,8 +287,10 @@ def _f(v, fmt="{:.3f}"):
 
 def target_lines(results: dict) -> list[str]:
     """Issue 5's targets, each checked on the figures of this run."""
-    ours = results["diffca"]
     lines = []
+    if "diffca" not in results:
+        return ["- not measurable: Diff-CA was not evaluated in this run"]
+    ours = results["diffca"]
 
     def ahead(metric_path, label, rivals, fmt):
         mine = _num(ours, *metric_path)
@@ -305,7 +317,7 @@ def target_lines(results: dict) -> list[str]:
 
 
 def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, command, started, total, store, cfg,
-                  ddim_steps: int, load: tuple[float, float]):
+                  ddim_steps: int, load: tuple[float, float], model_dir: Path):
     from diffca_med.pipelines.evaluate import markdown_table
 
     names = [n for n in list(LABELS) if n in results]
@@ -345,8 +357,8 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
         "phantom subtype. '–' = the method does not produce that output.",
         "",
         "Reference: the unchanged input scores "
-        f"{_f(_num(results['identity'], 'counterfactual', 'input_tumour_psnr'), '{:.2f}')} dB / SSIM "
-        f"{_f(_num(results['identity'], 'counterfactual', 'input_tumour_ssim'))} inside the tumour against the twin.",
+        f"{_f(_num(r0, 'counterfactual', 'input_tumour_psnr'), '{:.2f}')} dB / SSIM "
+        f"{_f(_num(r0, 'counterfactual', 'input_tumour_ssim'))} inside the tumour against the twin.",
         "",
         "## Targets (issue 5)",
         "",
@@ -357,13 +369,16 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
     ]
     from diffca_med.models import DiffCAModel
 
-    ours_model = DiffCAModel.from_pretrained(Path(results["diffca"]["model"]))
-    n_den = sum(p.numel() for p in ours_model.denoiser.parameters())
-    lines.append(f"- model sizes: Diff-CA {ours_model.num_parameters() / 1e6:.2f} M parameters, of which the "
+    ours_model = DiffCAModel.from_pretrained(model_dir) if (model_dir / "config.json").is_file() else None
+    n_den = sum(p.numel() for p in ours_model.denoiser.parameters()) if ours_model is not None else 0
+    if ours_model is not None:
+        lines.append(f"- model sizes: Diff-CA {ours_model.num_parameters() / 1e6:.2f} M parameters, of which the "
                  f"denoiser (U-Net + token renderer) {n_den / 1e6:.2f} M"
                  + (f"; CFG diffusion denoiser {cfg_info['denoiser_parameters'] / 1e6:.2f} M (same config), "
                     "trained with Diff-CA's stage-1 schedule (steps, batch, learning rate, EMA) by the same loop"
                     if cfg_info and "denoiser_parameters" in cfg_info else ""))
+    if steps.skipped:
+        lines.append(f"- steps not finished when this report was written (`--report-only`): {', '.join(steps.skipped)}")
     if ours_info:
         for s in ours_info.get("stages", []):
             lines.append(f"- Diff-CA training, stage {s['stage']}: {s['steps']} steps in {s['seconds']:.0f} s, "
