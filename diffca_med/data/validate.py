@@ -166,7 +166,9 @@ def decode_image(
             data = np.asarray(img.dataobj)
     except DECODE_ERRORS as err:
         raise InputError(f"{name}: truncated or corrupt image data ({_reason(err)})") from None
-    if data.dtype.kind == "f":
+    # a float sum is finite iff every voxel is (barring overflow, which then takes the
+    # exact path): one cheap reduction instead of a full boolean mask per file
+    if data.dtype.kind == "f" and not np.isfinite(data.sum(dtype=np.float64)):
         finite = np.isfinite(data)
         if not finite.all():
             count = int(data.size - np.count_nonzero(finite))
@@ -198,16 +200,20 @@ def check_labels(seg: np.ndarray, allowed: frozenset[int], name: str) -> np.ndar
         if not np.array_equal(rounded, seg):
             raise InputError(f"{name}: label map contains non-integer values")
         seg = rounded
-    lo, hi = seg.min(), seg.max()
-    if lo < 0 or hi > 255:
-        bad = sorted({int(v) for v in (lo, hi) if v < 0 or v > 255})
-        raise InputError(
-            f"{name}: label values {bad} outside this layout's convention {sorted(allowed)}"
-        )
+    if seg.dtype != np.uint8:
+        lo, hi = seg.min(), seg.max()
+        if lo < 0 or hi > 255:
+            bad = sorted({int(v) for v in (lo, hi) if v < 0 or v > 255})
+            raise InputError(
+                f"{name}: label values {bad} outside this layout's convention {sorted(allowed)}"
+            )
     seg8 = seg.astype(np.uint8, copy=False)
-    present = np.flatnonzero(np.bincount(seg8.ravel(), minlength=256))
-    bad = [int(v) for v in present if int(v) not in allowed]
-    if bad:
+    illegal = np.ones(256, dtype=bool)
+    illegal[[v for v in allowed if 0 <= v < 256]] = False
+    # a 256-entry lookup: one pass, no int64 temporaries (bincount would need 8 bytes/voxel)
+    hits = illegal[seg8]
+    if hits.any():
+        bad = [int(v) for v in np.unique(seg8[hits])]
         raise InputError(
             f"{name}: label values {bad} outside this layout's convention {sorted(allowed)}"
         )
