@@ -1,0 +1,194 @@
+"""Measure a trained Diff-CA model against the issue-3 targets on held-out subjects.
+
+    .venv/bin/python benchmarks/model_quality.py RUN/model STORE [--split test]
+        [--n-slices 96] [--steps 20] [--seed 0] [--json OUT.json]
+
+Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
+
+* stage 1 — reconstruction of a slice from its own tokens, PSNR (dB, data range 1) and
+  SSIM (Gaussian window 11) inside the brain mask, per slice averaged over channels,
+  then averaged over slices; from fresh noise (DDIM ``--steps``, η = 0) and from the
+  DDIM-inverted input; and from *another slice's* tokens (a slice of a different
+  subject, fresh noise with the same seed) scored against the original slice — the
+  ``token_gap_db`` = PSNR(own tokens) − PSNR(other tokens) shows whether the
+  conditioning carries the image (target ≥ 5 dB);
+* stage 2 — 5-fold stratified logistic-regression probes of healthy vs tumour
+  (balanced accuracy) from the salient embedding (target ≥ 0.9) and from the common
+  tokens averaged over tokens (target ≤ 0.65); the adversary's accuracy on these
+  slices and the controller's GRL weight;
+* sampling speed in images/second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _metrics(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice PSNR and SSIM inside the brain; pred/ref (N, C, H, W), brain (N, H, W)."""
+    from diffca_med.analysis.metrics import masked_psnr, masked_ssim
+
+    psnr, ssim = [], []
+    for p, r, m in zip(pred, ref, brain):
+        mask = np.broadcast_to(m[None] > 0, p.shape)
+        psnr.append(masked_psnr(p, r, mask))
+        ssim.append(masked_ssim(p, r, mask))
+    return np.asarray(psnr), np.asarray(ssim)
+
+
+def _other_subject_permutation(subjects: np.ndarray) -> np.ndarray:
+    """Map slice i to slice perm[i], half-way round the subject-sorted list.
+
+    Slices of one subject are contiguous after sorting, so a half-turn lands on another
+    subject unless one subject owns more than half of the slices.
+    """
+    n = len(subjects)
+    order = np.argsort(subjects, kind="stable")
+    perm = np.empty(n, dtype=int)
+    perm[order] = order[(np.arange(n) + n // 2) % n]
+    return perm
+
+
+def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
+
+
+def probe_balanced_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Mean balanced accuracy of a 5-fold stratified standardised logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(labels)) < 2 or np.bincount(labels).min() < 5:
+        return float("nan")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    return float(cross_val_score(clf, features, labels, cv=cv, scoring="balanced_accuracy").mean())
+
+
+def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,
+             seed: int = 0, batch: int = 32, probes: bool = True, reconstruction: bool = True) -> dict:
+    """All figures of the module docstring as a JSON-ready dict."""
+    model.eval()
+    rows = store.rows(split=split, labels=("healthy", "tumour"))
+    index = store.index.iloc[rows]
+    labels_all = (index["label"].to_numpy() == "tumour").astype(int)
+    subjects_all = index["subject"].to_numpy()
+    x_all = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))
+    out: dict = {"split": split, "n_slices_total": int(len(rows)), "steps": steps, "seed": seed,
+                 "n_tumour": int(labels_all.sum()), "n_healthy": int((1 - labels_all).sum())}
+    rng = np.random.default_rng(seed)
+    if reconstruction:
+        pick = np.sort(rng.choice(len(rows), size=min(n_slices, len(rows)), replace=False))
+        x = x_all[pick]
+        brain = np.asarray(store.brain[rows[pick]])
+        ref = x.numpy()
+        t0 = time.perf_counter()
+        fresh = _batched(lambda b: model.reconstruct(b, noise="fresh", steps=steps, seed=seed), x, batch)
+        dt = time.perf_counter() - t0
+        inverted = _batched(lambda b: model.reconstruct(b, noise="inverted", steps=steps, seed=seed), x, batch)
+        perm = _other_subject_permutation(subjects_all[pick])
+        with torch.no_grad():
+            tokens = torch.cat([model.encode(x[i:i + batch]).combined for i in range(0, len(x), batch)])
+            other = torch.cat([model.generate(tokens[perm][i:i + batch], steps=steps, seed=seed)
+                               for i in range(0, len(x), batch)])
+        res = {}
+        for name, pred in (("fresh", fresh), ("inverted", inverted), ("other_tokens", other)):
+            p, s = _metrics(pred.numpy(), ref, brain)
+            res[name] = {"psnr_db": float(np.nanmean(p)), "ssim": float(np.nanmean(s))}
+        lab = labels_all[pick]
+        for name, mask in (("healthy", lab == 0), ("tumour", lab == 1)):
+            if mask.any():
+                p, s = _metrics(fresh.numpy()[mask], ref[mask], brain[mask])
+                res[f"fresh_{name}"] = {"psnr_db": float(np.nanmean(p)), "ssim": float(np.nanmean(s))}
+        res["token_gap_db"] = res["fresh"]["psnr_db"] - res["other_tokens"]["psnr_db"]
+        res["n_slices"] = int(len(pick))
+        res["other_tokens_same_subject"] = int((subjects_all[pick][perm] == subjects_all[pick]).sum())
+        res["sampling_images_per_s"] = float(len(pick) / dt)
+        out["reconstruction"] = res
+    if probes:
+        with torch.no_grad():
+            enc = [model.encode(x_all[i:i + batch]) for i in range(0, len(x_all), batch)]
+        sal = torch.cat([e.salient_embedding for e in enc]).numpy()
+        com = torch.cat([e.common.mean(dim=1) for e in enc]).numpy()
+        tok = torch.cat([e.tokens.mean(dim=1) for e in enc]).numpy()
+        commons = torch.cat([e.common for e in enc])
+        with torch.no_grad():
+            adv = (model.adversary(commons) > 0).long().numpy()
+        sal_norm = torch.cat([e.salient.pow(2).mean(dim=(1, 2)) for e in enc]).numpy()
+        out["probes"] = {
+            "salient_embedding_bacc": probe_balanced_accuracy(sal, labels_all, seed),
+            "common_pooled_bacc": probe_balanced_accuracy(com, labels_all, seed),
+            "tokens_pooled_bacc": probe_balanced_accuracy(tok, labels_all, seed),
+            "adversary_accuracy": float((adv == labels_all).mean()),
+            "grl_weight": float(model.grl.weight),
+            "salient_sq_healthy": float(sal_norm[labels_all == 0].mean()),
+            "salient_sq_tumour": float(sal_norm[labels_all == 1].mean()),
+        }
+    return out
+
+
+TARGETS = {
+    "fresh PSNR >= 20 dB": lambda r: r["reconstruction"]["fresh"]["psnr_db"] >= 20,
+    "fresh SSIM >= 0.6": lambda r: r["reconstruction"]["fresh"]["ssim"] >= 0.6,
+    "other-token gap >= 5 dB": lambda r: r["reconstruction"]["token_gap_db"] >= 5,
+    "salient probe >= 0.9": lambda r: r["probes"]["salient_embedding_bacc"] >= 0.9,
+    "common probe <= 0.65": lambda r: r["probes"]["common_pooled_bacc"] <= 0.65,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path, help="model folder (config.json + model.safetensors)")
+    ap.add_argument("store", type=Path, help="slice store folder made by 'diffca-med prepare'")
+    ap.add_argument("--split", default="test", help="store split to measure on (default test)")
+    ap.add_argument("--n-slices", type=int, default=96, help="slices reconstructed (default 96)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of noise, slice choice, folds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    from diffca_med.data import SliceStore
+    from diffca_med.errors import DiffCAError
+    from diffca_med.fileio import atomic_write_text
+    from diffca_med.models import DiffCAModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = DiffCAModel.from_pretrained(args.model)
+        store = SliceStore(args.store)
+    except DiffCAError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if list(store.modalities) != list(model.config.modalities) or store.size != model.config.image_size:
+        print(f"error: {args.store}: store has {store.modalities} at {store.size} px, the model "
+              f"needs {model.config.modalities} at {model.config.image_size} px", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    res = evaluate(model, store, args.split, args.n_slices, args.steps, args.seed)
+    res["model"], res["store"], res["seconds"] = str(args.model), str(args.store), time.perf_counter() - t0
+    res["targets"] = {}
+    for name, check in TARGETS.items():
+        try:
+            res["targets"][name] = bool(check(res))
+        except (KeyError, TypeError):
+            res["targets"][name] = None
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        atomic_write_text(args.json, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
