@@ -66,6 +66,8 @@ import numpy as np
 import pandas as pd
 
 from diffca_med.analysis.anomaly import (
+    COMBINE_METHODS,
+    THRESHOLD_METHODS,
     anomaly_map,
     anomaly_mask,
     healthy_region_fidelity,
@@ -115,6 +117,19 @@ class AnomalyOptions:
     previews: int = 3
 
     def __post_init__(self) -> None:
+        # Checked before any generation, so a typo fails at once, not after minutes.
+        if self.combine not in COMBINE_METHODS:
+            raise ConfigError(f"--combine: unknown method {self.combine!r} (use one of {', '.join(COMBINE_METHODS)})")
+        if self.threshold not in THRESHOLD_METHODS:
+            raise ConfigError(
+                f"--threshold: unknown method {self.threshold!r} (use one of {', '.join(THRESHOLD_METHODS)})"
+            )
+        if self.threshold == "fixed" and self.threshold_value is None:
+            raise ConfigError("--threshold fixed needs --threshold-value (normalised intensity units)")
+        if self.threshold == "percentile" and self.threshold_value is not None and not 0 < self.threshold_value < 100:
+            raise ConfigError(f"--threshold-value: percentile must be in (0, 100), got {self.threshold_value}")
+        if self.previews < 0 or self.dilation < 0:
+            raise ConfigError("--previews and --dilation must not be negative")
         if self.compose not in COMPOSE_CHOICES:
             raise ConfigError(f"--compose: unknown value {self.compose!r} (use residual or direct)")
 
