@@ -113,3 +113,20 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     assert r.exit_code == 0 and r.output.count("skipped") == 7
     r = invoke("demo", out, "--subjects", "6", "--quiet")  # other options into the same OUT
     assert r.exit_code == 2 and "other options" in r.output
+
+
+def test_raw_msd_folder_is_prepared_on_the_fly_and_4d_inputs_give_per_channel_files(model_dir, tmp_path):
+    from conftest import make_handmade
+
+    data = make_handmade(tmp_path / "msd", "msd", n=3)
+    out = tmp_path / "ph"
+    r = invoke("pseudo-healthy", model_dir, data, out, "--subjects", "BRATS_000", "--steps", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "store" / "store.json").is_file()
+    src = nib.load(data / "imagesTr" / "BRATS_000.nii.gz")
+    for mod in ("t1c", "flair"):
+        img = nib.load(out / "BRATS_000" / f"BRATS_000_{mod}_pseudohealthy.nii.gz")
+        assert img.shape == src.shape[:3] and np.allclose(img.affine, src.affine)
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(src.affine)
+    mask = nib.load(out / "BRATS_000" / "BRATS_000_anomaly_mask.nii.gz")
+    assert mask.shape == src.shape[:3]
