@@ -276,6 +276,18 @@ def train(
             resume_ckpt = latest
         start_ckpt = latest
         model_cfg = _model_config_from_state(latest.state, cfg, shout)
+        if resume_ckpt is not None:
+            st = resume_ckpt.state
+            sc = cfg.stage(resume_ckpt.stage)
+            was = (st.get("world_size"), st.get("batch_size"), st.get("grad_accum"))
+            now = (None, sc.batch_size, sc.grad_accum)
+            if was[0] is not None:
+                now = (accelerator.num_processes, sc.batch_size, sc.grad_accum)
+            if was != now:
+                shout(
+                    f"{resume_ckpt.path.name} was trained with processes/batch/accumulation {was}, now {now}: "
+                    "training continues, but not as the uninterrupted run would have"
+                )
         say(f"resuming from {latest.path.name} ({'complete' if latest.complete else 'unfinished'})")
         stages = todo
     else:

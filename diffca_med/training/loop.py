@@ -100,6 +100,20 @@ def _scalar_means(outs: list[dict]) -> dict[str, torch.Tensor]:
     return means
 
 
+def _mean_over_processes(accelerator, means: dict[str, torch.Tensor], device) -> tuple[list[str], torch.Tensor]:
+    """Average logged scalars over processes; a key missing on a process (e.g. no
+    tumour in its batch) is left out of that key's mean instead of desynchronising."""
+    names = sorted(means)
+    if accelerator.num_processes == 1:
+        return names, torch.stack([means[k] for k in names]) if names else torch.zeros(0)
+    from accelerate.utils import broadcast_object_list
+
+    shared = broadcast_object_list([names])[0]  # the main process's keys, on every process
+    vals = torch.stack([means.get(k, torch.tensor(float("nan"))) for k in shared]).to(device)
+    everyone = accelerator.gather(vals[None]).reshape(accelerator.num_processes, len(shared))
+    return shared, everyone.float().nanmean(dim=0)
+
+
 def _model_config_dict(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -276,9 +290,7 @@ def train_stage(
 
         if done % sc.log_every == 0 or done == sc.steps:
             means = _scalar_means(outs)
-            names = sorted(means)
-            stacked = torch.stack([means[k] for k in names]).to(device)
-            stacked = accelerator.reduce(stacked, reduction="mean") if world > 1 else stacked
+            names, stacked = _mean_over_processes(accelerator, means, device)
             now = time.perf_counter()
             rate = images_per_step * (done - last_logged_step) / max(now - t_last, 1e-9)
             t_last, last_logged_step = now, done
