@@ -62,11 +62,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library messages too."),
     ) -> None:
-        """Train the two-stage Diff-CA model (stage 0 autoencoder for latent models, stage 1, stage 2).
+        """Train the two-stage Diff-CA model: stage 0 (autoencoder, latent models), 1, 2.
 
-        Writes atomic checkpoints every stageN.checkpoint_every steps, a CSV log, sample grids,
-        plots, and the final model folder RUN/model (config.json + safetensors) that
-        DiffCAModel.from_pretrained loads.
+        Writes atomic checkpoints every stageN.checkpoint_every steps, a CSV log per stage, sample grids, plots, and the final model folder RUN/model (config.json + safetensors) that DiffCAModel.from_pretrained loads.
+
+        Several processes: accelerate launch -m diffca_med.cli train ... or torchrun --nproc_per_node N -m diffca_med.cli train ...
         """
         setup_logging(verbose)
         from diffca_med.pipelines.train import STAGE_CHOICES, resolve_config_path, train
