@@ -99,6 +99,13 @@ class SelectChannelsd(MapTransform):
         return d
 
 
+def _axis_slice(start: int, end: int, reverse: bool) -> slice:
+    """Slice selecting [start, end) of one axis, backwards when ``reverse``."""
+    if not reverse:
+        return slice(start, end)
+    return slice(end - 1, start - 1 if start > 0 else None, -1)
+
+
 def _xyz(arr_zyx: np.ndarray) -> torch.Tensor:
     """(C, z, y, x) numpy array -> (C, x, y, z) torch view (x fastest in memory, no copy)."""
     return torch.from_numpy(arr_zyx).permute(0, 3, 2, 1)
@@ -160,12 +167,20 @@ class LoadBrainCropd(MapTransform):
             raise InputError(f"{d.get('name', 'subject')}: images are all zero (no brain voxels)")
         start = [int(idx[0]) for idx in nonzero]  # (x, y, z)
         end = [int(idx[-1]) + 1 for idx in nonzero]
-        box_t = (slice(start[2], end[2]), slice(start[1], end[1]), slice(start[0], end[0]))
         shifted = affine.copy()
         shifted[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=np.float64) + affine[:3, 3]
+        ornt = ras_orientation(affine)
+        flips = [False, False, False]
+        if np.array_equal(ornt[:, 0], [0, 1, 2]):
+            # axes already in R, A, S order (BraTS: LPS): reverse the flipped axes while
+            # copying the box, which is free; Orientationd then has nothing left to do.
+            # Axis permutations (e.g. sagittal acquisitions) are left to Orientationd.
+            flips = [bool(f < 0) for f in ornt[:, 1]]
+            shifted = shifted @ nib.orientations.inv_ornt_aff(ornt, [b - a for a, b in zip(start, end)])
+        box_t = tuple(_axis_slice(start[ax], end[ax], flips[ax]) for ax in (2, 1, 0))
         meta = {"affine": torch.as_tensor(shifted), "original_affine": affine, "space": "RAS"}
         # only the box is copied, into (C, z, y, x) memory presented as (C, x, y, z)
-        image_t = np.empty((len(volumes), *(sl.stop - sl.start for sl in box_t)), dtype=np.float32)
+        image_t = np.empty((len(volumes), *(end[ax] - start[ax] for ax in (2, 1, 0))), dtype=np.float32)
         for c, vol in enumerate(volumes):
             image_t[c] = vol.T[box_t]
         d["image"] = MetaTensor(_xyz(image_t), meta=dict(meta))
@@ -234,8 +249,8 @@ class TumourVoxelsPerSliced(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         if self.seg_key in d:
-            seg = torch.as_tensor(d[self.seg_key])[0]
-            d[self.out_key] = (seg > 0).sum(dim=(0, 1)).numpy().astype(np.int64)
+            seg_zyx = _zyx(torch.as_tensor(d[self.seg_key]))[0].numpy()  # (z, y, x), contiguous
+            d[self.out_key] = np.count_nonzero(seg_zyx.reshape(seg_zyx.shape[0], -1), axis=1).astype(np.int64)
         else:
             d[self.out_key] = np.zeros(int(d[self.ref_key].shape[-1]), dtype=np.int64)
         return d

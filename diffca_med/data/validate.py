@@ -168,7 +168,7 @@ def decode_image(
         raise InputError(f"{name}: truncated or corrupt image data ({_reason(err)})") from None
     # a float sum is finite iff every voxel is (barring overflow, which then takes the
     # exact path): one cheap reduction instead of a full boolean mask per file
-    if data.dtype.kind == "f" and not np.isfinite(data.sum(dtype=np.float64)):
+    if data.dtype.kind == "f" and not np.isfinite(data.sum()):
         finite = np.isfinite(data)
         if not finite.all():
             count = int(data.size - np.count_nonzero(finite))
