@@ -88,7 +88,7 @@ def test_associations_chi_square_and_kruskal():
 def test_run_subgroups_writes_clusters_maps_and_associations(embed_dir, tmp_path):
     folder, participants, labels = embed_dir
     out = tmp_path / "sg"
-    summary = run_subgroups(folder, out, clinical=participants, maps=("pca",), seed=0)
+    summary = run_subgroups(folder, out, clinical=participants, maps=("pca",), seed=0, include_healthy=True)
     assert summary["levels"]["subject"]["k"] == 3
     clusters = pd.read_csv(out / "clusters.csv")
     assert {"subject", "cluster", "pca_0", "pca_1", "label", "subtype", "volume_ml"} <= set(clusters.columns)
@@ -105,9 +105,10 @@ def test_run_subgroups_writes_clusters_maps_and_associations(embed_dir, tmp_path
             for colour in ("cluster", "label", "subtype", "volume_ml", "sex"):
                 assert (out / "maps" / f"{level}_{m}_{colour}.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["levels"]["slice"]["n"] == 4 * len(labels)
-    # same seed, same clusters
+    # same seed, same clusters; by default healthy slices are left out
     again = run_subgroups(folder, tmp_path / "sg2", clinical=participants, maps=("pca",), seed=0)
     assert again["levels"]["subject"]["k"] == 3
+    assert again["levels"]["slice"]["n"] == 3 * len(labels)
     assert pd.read_csv(tmp_path / "sg2" / "clusters.csv")["cluster"].tolist() == clusters["cluster"].tolist()
 
 

@@ -21,7 +21,9 @@ Output folder (:func:`run_subgroups`):
                             clinical column
 ==========================  ==============================================================
 
-Clustering runs on the standardised embedding (each salient dimension scaled to unit
+By default only tumour subjects and tumour slices (``label == "tumour"``) are
+clustered and mapped (``include_healthy`` adds the healthy ones). Clustering runs on
+the standardised embedding (each salient dimension scaled to unit
 variance) with k-means (default), a Gaussian mixture or HDBSCAN; for k-means and GMM,
 ``k`` is the value in ``k_range`` with the best silhouette unless given.
 """
@@ -376,7 +378,7 @@ def run_subgroups(
     levels: tuple[str, ...] = ("subject", "slice"),
     min_cluster_size: int | None = None,
     max_slices: int = 5000,
-    slice_labels: tuple[str, ...] = ("healthy", "tumour"),
+    include_healthy: bool = False,
     standardize: bool = True,
 ) -> dict:
     """Cluster and map embeddings; write the output folder described in the module doc.
@@ -386,7 +388,11 @@ def run_subgroups(
         clinical: optional ``participants.tsv`` joined on the subject id.
         levels: which of ``subject`` / ``slice`` to analyse (when present).
         max_slices: slices beyond this number are subsampled (seeded) for speed.
-        slice_labels: slice labels kept at the slice level (``excluded`` dropped).
+        include_healthy: also cluster and map healthy subjects / slices. By default only
+            tumour rows are analysed (``label == "tumour"``): subgroups are subgroups of
+            tumours, and healthy embeddings (salient ≈ 0 by construction) would form
+            one trivial cluster that dominates the silhouette. ``excluded`` slices are
+            always dropped.
 
     Returns:
         The ``summary.json`` content.
@@ -398,7 +404,8 @@ def run_subgroups(
     clin = read_clinical(clinical) if clinical is not None else None
     out = Path(out)
     summary: dict = {"embeddings": str(embeddings), "clinical": str(clinical) if clinical else None,
-                     "method": method, "seed": seed, "maps": list(maps), "levels": {}}
+                     "method": method, "seed": seed, "maps": list(maps), "include_healthy": include_healthy,
+                     "levels": {}}
     assocs = []
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -406,9 +413,9 @@ def run_subgroups(
             if level not in tables:
                 continue
             df = tables[level]
+            if "label" in df.columns:
+                df = df[df["label"].isin(("healthy", "tumour") if include_healthy else ("tumour",))]
             if level == "slice":
-                if "label" in df.columns:
-                    df = df[df["label"].isin(slice_labels)]
                 if len(df) > max_slices:
                     df = df.sample(n=max_slices, random_state=seed).sort_index()
             df = df.reset_index(drop=True)
@@ -419,7 +426,8 @@ def run_subgroups(
             summary["levels"][level] = info
             assocs.append(assoc)
         if not summary["levels"]:
-            raise InputError(f"{embeddings}: no {' or '.join(levels)} embeddings to analyse")
+            what = "" if include_healthy else "tumour "
+            raise InputError(f"{embeddings}: no {what}{' or '.join(levels)} embeddings to analyse")
         pd.concat(assocs, ignore_index=True).to_csv(tmp / "associations.csv", index=False)
         atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         maps: List[str] = typer.Option(["pca", "umap"], "--maps", help="2-D maps to draw (repeatable): pca, umap."),
         level: List[str] = typer.Option(["subject", "slice"], "--level", help="Analyse subject-level and/or slice-level embeddings (repeatable)."),
         max_slices: int = typer.Option(5000, "--max-slices", help="Slices beyond this number are subsampled (seeded) at the slice level."),
+        include_healthy: bool = typer.Option(False, "--include-healthy", help="Also cluster and map healthy subjects and slices (default: tumour subjects and tumour slices only; healthy salient embeddings are near zero by design)."),
         standardize: bool = typer.Option(True, "--standardize/--no-standardize", help="Scale each salient dimension to unit variance before clustering and mapping."),
         seed: int = typer.Option(0, "--seed", help="Seed of clustering, UMAP and subsampling (same seed, same output)."),
     ) -> None:
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
         summary = run_subgroups(embeddings, out, clinical=clinical, method=method, k=k, k_range=(k_min, k_max),
                                 seed=seed, maps=tuple(maps), levels=tuple(level), min_cluster_size=min_cluster_size,
-                                max_slices=max_slices, standardize=standardize)
+                                max_slices=max_slices, include_healthy=include_healthy, standardize=standardize)
         for lev, info in summary["levels"].items():
             sil = "n/a" if info["silhouette"] is None else f"{info['silhouette']:.3f}"
             typer.echo(f"{lev}s: {info['n']} embeddings, k = {info['k']}, silhouette = {sil}")
