@@ -253,3 +253,26 @@ def test_two_cpu_processes_ddp_gloo(tmp_path):
     from diffca_med.models import DiffCAModel
 
     DiffCAModel.from_pretrained(tmp_path / "run" / "model")
+
+
+@pytest.mark.slow
+def test_latent_model_trains_stage0_then_1_and_2(tiny_store, tmp_path):
+    """Latent space: --stage all runs the autoencoder (stage 0) first; its grid shows AE recon."""
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(space="latent", vae_channels=[8, 8], latent_channels=2, render_grid=4,
+                        unet_channels=[8, 16], attention_levels=[False, True])
+    raw["stage0"] = {"steps": 2, "batch_size": 4, "checkpoint_every": 5, "log_every": 1, "sample_count": 2}
+    raw["stage1"].update(steps=1, sample_every=0)
+    raw["stage2"].update(steps=1)
+    cfg = config_from_dict(raw, source="latent")
+    result = train(tiny_store, cfg, tmp_path / "run", progress=False)
+    assert [s["stage"] for s in result.stages] == [0, 1, 2]
+    assert (tmp_path / "run" / "samples" / "stage0-step0000002.png").is_file()
+    log0 = pd.read_csv(tmp_path / "run" / "logs" / "stage0.csv")
+    assert "latent_scale" in log0.columns and list(log0["step"]) == [1, 2]
+    from diffca_med.models import DiffCAModel
+
+    model = DiffCAModel.from_pretrained(tmp_path / "run" / "model")
+    assert float(model.latent_scale) != 1.0  # learnt in stage 0, kept through stages 1-2
+    with pytest.raises(ConfigError, match="stage 0 trains the autoencoder"):
+        train(tiny_store, tiny_cfg(), tmp_path / "pixel", stage="0", progress=False)
