@@ -14,7 +14,7 @@ and prints prepare / decode ratios and slices per second. Target: ratio <= 1.5.
 
 Usage::
 
-    python benchmarks/prepare.py [--data DIR] [--subjects 20] [--workers N] [--size 64] [--repeats 2]
+    python benchmarks/prepare.py [--data DIR] [--subjects 20] [--workers N] [--size 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=20, help="phantom subjects to build when --data is missing")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for prepare and parallel decode")
     parser.add_argument("--size", type=int, default=64, help="store slice size")
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of each timing; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each timing (interleaved); the fastest counts")
     args = parser.parse_args()
 
     from diffca_med.data.layouts import discover
@@ -75,21 +75,25 @@ def main() -> None:
         Path(f).read_bytes()
     print(f"{len(subjects)} subjects, {len(files)} files, {size_mb:.0f} MB compressed, workers={args.workers}")
 
-    serial = min(time_decode(files, 1) for _ in range(args.repeats))
-    parallel = min(time_decode(files, args.workers) for _ in range(args.repeats))
-
+    # interleave the timings so that load from other processes on the machine hits all
+    # three alike; the fastest of each counts
     work = Path(tempfile.mkdtemp(prefix="diffca-bench-store-"))
+    serial, parallel, prep = [], [], []
     try:
-        times = []
         for i in range(args.repeats):
+            parallel.append(time_decode(files, args.workers))
             out = work / f"store{i}"
             t0 = time.perf_counter()
             prepare(args.data, out, PrepareOptions(size=args.size), workers=args.workers, progress=False)
-            times.append(time.perf_counter() - t0)
-        prep = min(times)
+            prep.append(time.perf_counter() - t0)
+            serial.append(time_decode(files, 1))
+            print(f"  repeat {i + 1}: decode {parallel[-1]:.2f} s ({args.workers} processes), "
+                  f"{serial[-1]:.2f} s (serial); prepare {prep[-1]:.2f} s", flush=True)
         n_slices = len(SliceStore(work / "store0"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    paired = sorted(p / d for p, d in zip(prep, parallel))
+    serial, parallel, prep = min(serial), min(parallel), min(prep)
 
     print(f"decode, serial               : {serial:7.2f} s")
     print(f"decode, {args.workers} processes          : {parallel:7.2f} s")
@@ -97,6 +101,7 @@ def main() -> None:
           f"{n_slices / prep:.0f} slices/s)")
     print(f"ratio prepare / decode (same processes): {prep / parallel:.2f}")
     print(f"ratio prepare / decode (serial)        : {prep / serial:.2f}")
+    print(f"per-repeat ratios (same processes)     : {', '.join(f'{r:.2f}' for r in paired)}")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,18 @@ def test_tiny_store_contract(tiny_store):
     sub = st.subjects[0]
     vol = st.to_volume(sub, st.images[st.subject_rows(sub)])
     assert vol.shape == (60, 60, 40, 4)  # the tiny phantom grid
+
+
+def test_subject_without_label_map_is_never_called_healthy(tmp_path):
+    from conftest import make_handmade
+    from diffca_med.pipelines.prepare import PrepareOptions, prepare
+
+    data = make_handmade(tmp_path / "d", "brats2023", n=2, shape=(12, 14, 8))
+    (data / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz").unlink()
+    messages = []
+    res = prepare(data, tmp_path / "s", PrepareOptions(size=16), workers=1, progress=False, warn=messages.append)
+    st = SliceStore(res.store)
+    labels = set(st.index.loc[st.index["subject"] == "BraTS-GLI-00001-000", "label"])
+    assert labels == {"excluded"}
+    assert any("no tumour label map" in m and "BraTS-GLI-00001-000" in m for m in messages)
+    assert st.source_files("BraTS-GLI-00001-000")["seg"] is None

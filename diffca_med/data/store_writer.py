@@ -88,7 +88,8 @@ def write_store(
 
     ``results``: per-subject dicts from the workers, in subject order, with keys
     subject, parts, n_slices, first_slice, tumour_voxels, tumour_pixels, brain_pixels,
-    geometry, files, has_tumour. Returns the counts written to ``store.json``.
+    geometry, files, has_tumour, has_seg (subjects without a label map get only
+    ``excluded`` slices: healthy is never assumed). Returns the counts written to ``store.json``.
     """
     n = sum(r["n_slices"] for r in results)
     c = len(meta["modalities"])
@@ -108,6 +109,8 @@ def write_store(
             r["tumour_voxels"], r["tumour_pixels"], r["brain_pixels"], size=size,
             min_brain_fraction=min_brain_fraction, min_tumour_fraction=min_tumour_fraction,
         )
+        if not r.get("has_seg", True):  # no label map: tumour status unknown
+            labels = np.full(d, "excluded")
         split = splits[r["subject"]]
         index_parts.append(
             pd.DataFrame(
@@ -128,6 +131,7 @@ def write_store(
                 "subject": r["subject"],
                 "split": split,
                 "has_tumour": bool(r["has_tumour"]),
+                "has_seg": bool(r.get("has_seg", True)),
                 "n_slices": d,
                 "first_slice": r["first_slice"],
                 "files": json.dumps(r["files"]),

@@ -185,7 +185,9 @@ class LoadBrainCropd(MapTransform):
             image_t[c] = vol.T[box_t]
         d["image"] = MetaTensor(_xyz(image_t), meta=dict(meta))
         d["brain"] = MetaTensor(_xyz(brain_t[box_t].astype(np.uint8)[None]), meta=dict(meta))
-        if d.get("seg") is not None:
+        if d.get("seg") is None:
+            d.pop("seg", None)
+        else:
             assert self.seg_reader is not None
             seg, _ = self._decode(self.seg_reader, d["seg"])
             d["seg"] = MetaTensor(_xyz(np.ascontiguousarray(seg.T[box_t])[None]), meta=dict(meta))

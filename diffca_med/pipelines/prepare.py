@@ -188,6 +188,7 @@ def process_subject(subject: SubjectFiles, key: str, parts: str, cfg: dict) -> d
         "tumour_pixels": (seg > 0).sum(axis=(1, 2)).tolist(),
         "brain_pixels": brain.sum(axis=(1, 2), dtype=np.int64).tolist(),
         "has_tumour": bool(tumour_voxels.sum() > 0),
+        "has_seg": subject.seg is not None,
         "geometry": geometry,
         "files": _files_record(subject),
         "warnings": image_reader.warnings,
@@ -319,6 +320,13 @@ def prepare(
             for line in r["warnings"]:
                 warnings.append(line)
                 warn(line)
+        unlabelled = [r["subject"] for r in results if not r["has_seg"]]
+        if unlabelled:
+            warnings.append(
+                f"{len(unlabelled)} subject(s) have no tumour label map; their slices are labelled "
+                f"'excluded' (healthy is never assumed): {', '.join(unlabelled)}"
+            )
+            warn(warnings[-1])
         splits = split_subjects(
             [r["subject"] for r in results], [r["has_tumour"] for r in results],
             opts.val_fraction, opts.test_fraction, opts.seed,
