@@ -96,25 +96,26 @@ def twin_path(store: SliceStore, source: Path, truth_root: Path) -> Path:
 def twin_slices(store: SliceStore, subject: str, truth_root: str | Path) -> np.ndarray:
     """The subject's ground-truth healthy twin as store slices ``(D, C, H, W)`` in [0, 1].
 
-    The twin files go through the *input's* recorded transform (``geometry.json``):
-    reorientation to RAS (the same nibabel orientation MONAI's ``Orientationd`` applies),
-    the input's brain box, the input's per-modality percentile window (values clipped
-    to [0, 1]), the same square padding and resize
-    (:class:`~diffca_med.data.transforms.SquareResized`) and the input's resized brain
-    mask; row ``i`` lines up with the subject's ``i``-th stored slice
-    (:meth:`SliceStore.subject_rows`). Normalising the twin with the input's
-    percentiles is what the BraTS 2023 inpainting evaluation does.
+    The twin files go through the *input's* recorded transform (``geometry.json``) with
+    ``prepare``'s own resizing and normalisation transforms: reorientation to RAS (the
+    nibabel orientation MONAI's ``Orientationd`` applies), the input's brain box,
+    :class:`~diffca_med.data.transforms.SquareResized` (image and brain fraction) and
+    :class:`~diffca_med.data.transforms.NormaliseInBraind` with the *input's*
+    per-modality percentile window — what the BraTS 2023 inpainting evaluation does —
+    then the input's stored brain mask. Row ``i`` lines up with the subject's ``i``-th
+    stored slice (:meth:`SliceStore.subject_rows`).
     """
     import nibabel as nib
 
-    from diffca_med.data.transforms import SquareResized
+    from diffca_med.data.transforms import NormaliseInBraind, SquareResized
     from diffca_med.data.validate import decode_image, display_path, load_header
 
     truth_root = Path(truth_root)
     geom = store.geometry[subject]
     files = store.source_files(subject)
     decoded: dict[Path, np.ndarray] = {}
-    channels = []
+    boxes = []
+    (x0, y0, z0), (x1, y1, z1) = geom["crop_start"], geom["crop_end"]
     for m in store.modalities:
         ref = files[m]
         p = twin_path(store, ref.path, truth_root)
@@ -129,19 +130,22 @@ def twin_slices(store: SliceStore, subject: str, truth_root: str | Path) -> np.n
         arr = decoded[p]
         vol = arr[..., ref.channel] if ref.channel is not None else (arr[..., 0] if arr.ndim == 4 else arr)
         ras = nib.orientations.apply_orientation(vol, np.asarray(geom["ornt"]))
-        (x0, y0, z0), (x1, y1, z1) = geom["crop_start"], geom["crop_end"]
-        box = np.array(ras[x0:x1, y0:y1, z0:z1], dtype=np.float32)
-        lo, hi = geom["intensity"][m]
-        scale = 1.0 / (hi - lo) if hi > lo else 0.0
-        channels.append(np.clip((box - lo) * scale, 0.0, 1.0))
-    vol = torch.from_numpy(np.stack(channels))  # (C, x, y, z)
-    resized = SquareResized(keys="image", size=int(geom["size"]), modes=["image"])({"image": vol})
-    arr = np.asarray(resized["image"], dtype=np.float32)  # (C, size, size, D)
+        boxes.append(np.array(ras[x0:x1, y0:y1, z0:z1], dtype=np.float32))
+    box = np.stack(boxes)  # (C, x, y, z) in RAS order, the input's brain box
+    brain = (box != 0).any(axis=0, keepdims=True).astype(np.float32)
+    data = {
+        "image": torch.from_numpy(box),
+        "brain": torch.from_numpy(brain),
+        "intensity": [list(geom["intensity"][m]) for m in store.modalities],
+    }
+    data = SquareResized(keys=["image", "brain"], size=int(geom["size"]), modes=["image", "fraction"])(data)
+    data = NormaliseInBraind(keys="image", fraction_key="brain")(data)
+    arr = np.asarray(data["image"], dtype=np.float32)  # (C, size, size, D)
     slices = ras_to_display(np.moveaxis(arr, -1, 0))  # (D, C, H, W)
-    brain = np.asarray(store.brain[store.subject_rows(subject)]) > 0
-    if brain.shape[0] != slices.shape[0]:
+    mask = np.asarray(store.brain[store.subject_rows(subject)]) > 0
+    if mask.shape[0] != slices.shape[0]:
         raise InputError(f"{store.path}: geometry of {subject} does not match its stored slices")
-    return np.ascontiguousarray(slices * brain[:, None])
+    return np.ascontiguousarray(slices * mask[:, None])
 
 
 # ----------------------------------------------------------------- method loading
