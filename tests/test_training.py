@@ -276,3 +276,14 @@ def test_latent_model_trains_stage0_then_1_and_2(tiny_store, tmp_path):
     assert float(model.latent_scale) != 1.0  # learnt in stage 0, kept through stages 1-2
     with pytest.raises(ConfigError, match="stage 0 trains the autoencoder"):
         train(tiny_store, tiny_cfg(), tmp_path / "pixel", stage="0", progress=False)
+
+
+def test_store_must_match_data_section(tiny_store, tmp_path):
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["size"] = 64
+    with pytest.raises(ConfigError, match=r"slices are 32 px but the config asks for 64; set data.size \(--set data.size=32\)"):
+        train(tiny_store, config_from_dict(raw), tmp_path / "run", progress=False)
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["modalities"] = ["t1c", "flair"]
+    with pytest.raises(ConfigError, match="holds modalities"):
+        train(tiny_store, config_from_dict(raw), tmp_path / "run", progress=False)
