@@ -102,7 +102,7 @@ def test_save_load_roundtrip_and_seed(tmp_path):
     torch.manual_seed(0)
     model = DiffCAModel(tiny())
     model.grl.weight.fill_(0.7)
-    model.eval()
+    model.eval().requires_grad_(False)  # as from_pretrained returns it (same kernels)
     model.save_pretrained(tmp_path / "m")
     loaded = DiffCAModel.from_pretrained(tmp_path / "m")
     x = images()
@@ -155,7 +155,7 @@ def test_dinov3_backbone_from_local_folder(tmp_path):
     opt.step()
     assert torch.equal(before, next(vit.parameters()))  # frozen
     assert all(id(p) not in {id(q) for q in vit.parameters()} for p in model.trainable_parameters(1))
-    model.eval().save_pretrained(tmp_path / "m")
+    model.eval().requires_grad_(False).save_pretrained(tmp_path / "m")
     loaded = DiffCAModel.from_pretrained(tmp_path / "m")  # no need for the DINOv3 folder
     assert torch.equal(model.encode(images()).tokens, loaded.encode(images()).tokens)
     with pytest.raises(ConfigError, match="missing-dino"):

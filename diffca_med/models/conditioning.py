@@ -133,29 +133,63 @@ class CrossQueryLayer(nn.Module):
         self.nm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         kvn = self.nkv(kv)
-        q = q + self.cross(self.nq(q), kvn, kvn, need_weights=False)[0]
+        q = q + self.cross(self.nq(q), kvn, kvn, attn_mask=bias, need_weights=False)[0]
         s = self.ns(q)
         q = q + self.self_attn(s, s, s, need_weights=False)[0]
         return q + self.mlp(self.nm(q))
 
 
-class CrossQuery(nn.Module):
-    """K learned queries → K semantic tokens (B, K, D) from patch tokens (B, P, D)."""
+def locality_bias(n_queries: int, n_patches: int, sigma: float) -> torch.Tensor:
+    """Initial cross-attention logit bias (K, P): −d²/(2σ²) between query k's anchor and
+    patch p, d in patch units.
 
-    def __init__(self, config: ModelConfig):
+    Anchors lie on the most square grid of K points spread over the (√P × √P) patch
+    grid, so each query starts by pooling its own region (spatially arranged tokens)
+    and learns from there; this makes the tokens carry the image much sooner than
+    queries that must discover locations by themselves.
+    """
+    side = int(round(n_patches ** 0.5))
+    if side * side != n_patches:
+        return torch.zeros(n_queries, n_patches)
+    rows = int(n_queries ** 0.5)
+    while n_queries % rows:
+        rows -= 1
+    cols = n_queries // rows
+    ay = (torch.arange(rows).float() + 0.5) * side / rows - 0.5
+    ax = (torch.arange(cols).float() + 0.5) * side / cols - 0.5
+    anchors = torch.stack(torch.meshgrid(ay, ax, indexing="ij"), dim=-1).reshape(-1, 2)
+    py, px = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    patches = torch.stack([py, px], dim=-1).reshape(-1, 2)
+    d2 = torch.cdist(anchors, patches).pow(2)
+    return -d2 / (2.0 * sigma**2)
+
+
+class CrossQuery(nn.Module):
+    """K learned queries → K semantic tokens (B, K, D) from patch tokens (B, P, D).
+
+    With ``query_locality`` > 0 the cross-attention logits get a learnable additive
+    bias (K, P) initialised by :func:`locality_bias` (built at the first call, when P
+    is known, so any backbone's patch grid works; saved with the weights).
+    """
+
+    def __init__(self, config: ModelConfig, n_patches: int):
         super().__init__()
+        self.heads = config.attention_heads
         self.queries = nn.Parameter(torch.randn(config.n_queries, config.token_dim) * 0.02)
         self.layers = nn.ModuleList(
             CrossQueryLayer(config.token_dim, config.attention_heads)
             for _ in range(config.cross_query_layers)
         )
+        self.bias = None
+        if config.query_locality > 0:
+            self.bias = nn.Parameter(locality_bias(config.n_queries, n_patches, config.query_locality))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         q = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
         for layer in self.layers:
-            q = layer(q, patches)
+            q = layer(q, patches, self.bias)
         return q
 
 
@@ -206,9 +240,11 @@ class ConditioningEncoder(nn.Module):
         super().__init__()
         if config.backbone == "dinov3":
             self.backbone: nn.Module = DinoV3Backbone(config, vit)
+            n_patches = (config.backbone_input_size // int(self.backbone.vit.config.patch_size)) ** 2
         else:
             self.backbone = ScratchBackbone(config)
-        self.cross_query = CrossQuery(config)
+            n_patches = (config.image_size // 2 ** len(config.scratch_channels)) ** 2
+        self.cross_query = CrossQuery(config, n_patches)
         self.intensity = IntensityToken(config)
         self.norm = nn.LayerNorm(config.token_dim)
 
@@ -242,6 +278,6 @@ def dinov3_from_config_dict(data: dict) -> nn.Module:
 
 
 __all__ = [
-    "ConditioningEncoder", "CrossQuery", "IntensityToken", "ScratchBackbone", "DinoV3Backbone",
+    "ConditioningEncoder", "CrossQuery", "locality_bias", "IntensityToken", "ScratchBackbone", "DinoV3Backbone",
     "channel_map", "load_dinov3", "backbone_config_dict", "dinov3_from_config_dict",
 ]

@@ -55,6 +55,8 @@ class ModelConfig:
     n_queries: int = 16
     """K learned queries of the cross-query module (semantic tokens)."""
     cross_query_layers: int = 2
+    query_locality: float = 1.0
+    """σ (patch units) of the initial locality bias of each query's cross-attention; 0: none."""
     attention_heads: int = 4
     intensity_bins: int = 16
     """Soft-histogram bins per modality for the intensity token."""
@@ -179,6 +181,8 @@ class ModelConfig:
         for c in list(self.unet_channels) + list(self.scratch_channels):
             if c % self.norm_groups:
                 bad("norm_groups", f"must divide every channel width (got {c})")
+        if self.query_locality < 0:
+            bad("query_locality", "must be >= 0")
         if not 0.0 <= self.grl_ema < 1.0:
             bad("grl_ema", "must be in [0, 1)")
         if self.grl_min > self.grl_max:
