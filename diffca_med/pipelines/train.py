@@ -155,18 +155,25 @@ def resolve_store(
 
 
 def _sample_rows(store, count: int) -> np.ndarray:
-    """Held-out rows for sample grids: the largest tumours and central healthy slices."""
+    """Held-out rows for sample grids, one per subject: the slices with the largest
+    tumours, and the most central (largest brain) healthy slices."""
     for split in ("val", "test", "train"):
         tumour = store.rows(split=split, labels="tumour")
         healthy = store.rows(split=split, labels="healthy")
         if len(tumour) + len(healthy):
             break
-    n_t = min(len(tumour), max(count - count // 2, count - len(healthy)))
-    pix = store.index["tumour_pixels"].to_numpy()
-    t = tumour[np.argsort(-pix[tumour], kind="stable")][:n_t]
-    brain = store.index["brain_pixels"].to_numpy()
-    h = healthy[np.argsort(-brain[healthy], kind="stable")][: count - n_t]
-    return np.concatenate([t, h]).astype(np.int64)
+    index = store.index
+
+    def best_per_subject(rows: np.ndarray, column: str) -> np.ndarray:
+        if not len(rows):
+            return rows
+        df = index.iloc[rows].assign(_row=rows).sort_values([column, "_row"], ascending=[False, True], kind="stable")
+        return df.drop_duplicates("subject")["_row"].to_numpy()
+
+    t = best_per_subject(tumour, "tumour_pixels")
+    h = best_per_subject(healthy, "brain_pixels")
+    n_t = min(len(t), max(count - count // 2, count - len(h)))
+    return np.concatenate([t[:n_t], h[: count - n_t]]).astype(np.int64)
 
 
 def _stages_to_train(cfg: TrainConfig, stage: str) -> list[int]:
