@@ -164,3 +164,19 @@ def test_existing_folder_that_is_not_a_store(handmade, tmp_path):
     result = run(handmade, out)
     assert result.exit_code == 2 and "is not a slice store" in result.output
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_all_zero_images(handmade, tmp_path):
+    for mod in ("t1n", "t1c", "t2w", "t2f"):
+        save_nifti(f(handmade, mod), np.zeros((24, 28, 16), np.float32))
+    out = tmp_path / "store"
+    assert_clean_failure(run(handmade, out), out, SID, "all zero")
+
+
+def test_non_integer_label_map(handmade, tmp_path):
+    path = f(handmade, "seg")
+    seg = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    seg[3, 3, 3] = 1.5
+    save_nifti(path, seg)
+    out = tmp_path / "store"
+    assert_clean_failure(run(handmade, out), out, f"{SID}-seg.nii.gz", "non-integer")

@@ -242,7 +242,8 @@ def _discover_bids(root: Path, mods: tuple[str, ...]) -> list[SubjectFiles]:
         try:
             layout = BIDSLayout(str(root), validate=False, derivatives=False)
         except Exception as err:  # pybids raises its own BIDS*Error types and ValueError
-            raise InputError(f"{root}: pybids cannot read this BIDS folder ({err})") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{root}: pybids cannot read this BIDS folder ({first})") from None
         files = layout.get(datatype="anat", extension=[".nii.gz", ".nii"], return_type="object")
     by_key: dict[str, dict[str, Path]] = {}
     for f in files:
