@@ -111,3 +111,24 @@ def test_subject_without_label_map_is_never_called_healthy(tmp_path):
     assert labels == {"excluded"}
     assert any("no tumour label map" in m and "BraTS-GLI-00001-000" in m for m in messages)
     assert st.source_files("BraTS-GLI-00001-000")["seg"] is None
+
+
+def test_isal_and_nibabel_decoding_agree(tmp_path, monkeypatch):
+    """The ISA-L fast path and nibabel's own decoding give the same store and errors."""
+    from conftest import make_handmade
+    from diffca_med.data import niftigz
+    from diffca_med.errors import InputError
+    from diffca_med.pipelines.prepare import PrepareOptions, prepare
+
+    data = make_handmade(tmp_path / "d", "msd", n=2, shape=(12, 14, 8))
+    fast = SliceStore(prepare(data, tmp_path / "fast", PrepareOptions(size=16), workers=1, progress=False).store)
+    monkeypatch.setattr(niftigz, "igzip", None)
+    slow = SliceStore(prepare(data, tmp_path / "slow", PrepareOptions(size=16), workers=1, progress=False).store)
+    np.testing.assert_array_equal(fast.images, slow.images)
+    pd.testing.assert_frame_equal(fast.index, slow.index)
+    path = data / "imagesTr" / "BRATS_001.nii.gz"
+    path.write_bytes(path.read_bytes()[:-200])
+    import pytest
+
+    with pytest.raises(InputError, match="BRATS_001.nii.gz: truncated or corrupt"):
+        prepare(data, tmp_path / "x", PrepareOptions(size=16), workers=1, progress=False)
