@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import diffca_med  # noqa: E402,F401  (before torch: sets OMP_WAIT_POLICY=PASSIVE, as the CLI runs)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from diffca_med.pipelines.train import resolve_config_path  # noqa: E402
 from diffca_med.training.config import load_config  # noqa: E402
