@@ -74,6 +74,31 @@ def test_shapes_and_additive_split():
         model.encode(torch.rand(2, 3, 16, 16))
 
 
+@pytest.mark.parametrize("options", [
+    dict(residual_diffusion=False),
+    dict(residual_diffusion=False, render_prior=False, pooled_conditioning=False, query_locality=0.0),
+    dict(prediction_type="epsilon"),
+])
+def test_design_variants_train_and_sample(options):
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny(**options))
+    model.set_stage(1)
+    model.stage_loss(1, images(), torch.zeros(4, dtype=torch.long))["loss"].backward()
+    y = model.eval().reconstruct(images(), noise="inverted", steps=2)
+    assert y.shape == (4, 2, 16, 16) and torch.isfinite(y).all()
+
+
+def test_locality_bias_anchors_tile_the_patch_grid():
+    from diffca_med.models.conditioning import locality_bias
+
+    bias = locality_bias(16, 64, sigma=1.0)  # 4 x 4 anchors over 8 x 8 patches
+    nearest = bias.argmax(dim=1)
+    assert len(set(nearest.tolist())) == 16
+    rows, cols = nearest // 8, nearest % 8
+    assert set(rows.tolist()) == set(cols.tolist()) and len(set(rows.tolist())) == 4
+    assert torch.equal(locality_bias(5, 10, 1.0), torch.zeros(5, 10))  # not a square grid
+
+
 def test_stage_losses_and_freezing():
     torch.manual_seed(0)
     model = DiffCAModel(tiny())

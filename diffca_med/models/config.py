@@ -71,6 +71,11 @@ class ModelConfig:
     """AdaGN scale/shift of every ResNet block from the flattened tokens (DiffAE-style)."""
     render_prior: bool = True
     """Concatenate a coarse image decoded from Z alone to the U-Net input."""
+    residual_diffusion: bool = True
+    """Diffuse the residual ``(x₀ − render(Z)) · residual_scale`` instead of x₀ itself;
+    the image is ``render(Z) + residual``. Needs ``render_prior``."""
+    residual_scale: float = 3.0
+    """Gain bringing the (small) residual nearer unit variance for the noise schedule."""
     render_grid: int = 4
     """Side of the render decoder's first feature map (upsampled to the input size)."""
 
@@ -181,6 +186,10 @@ class ModelConfig:
         for c in list(self.unet_channels) + list(self.scratch_channels):
             if c % self.norm_groups:
                 bad("norm_groups", f"must divide every channel width (got {c})")
+        if self.residual_diffusion and not self.render_prior:
+            bad("residual_diffusion", "needs render_prior: true")
+        if self.residual_scale <= 0:
+            bad("residual_scale", "must be > 0")
         if self.query_locality < 0:
             bad("query_locality", "must be >= 0")
         if not 0.0 <= self.grl_ema < 1.0:

@@ -200,11 +200,26 @@ class DiffCAModel(nn.Module):
             target = x0
         return x_t, t, target
 
+    def _diffusion_target(self, x0: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """What the diffusion process generates: x₀, or the scaled residual from the render.
+
+        The render is detached here: it is trained by its own MSE, and the diffusion
+        loss should not pull it towards whatever makes the residual easy.
+        """
+        if self.config.residual_diffusion:
+            return (x0 - prior.detach()) * self.config.residual_scale
+        return x0
+
+    def _from_target(self, r: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        if self.config.residual_diffusion:
+            return prior + r / self.config.residual_scale
+        return r
+
     def _stage1_loss(self, images, generator):
         x0 = self.to_diffusion(images)
         tokens = self.conditioner(images)
         prior = self.denoiser.render(tokens)
-        x_t, t, target = self._noisy(x0, generator)
+        x_t, t, target = self._noisy(self._diffusion_target(x0, prior), generator)
         pred = self.denoiser(x_t, t, tokens, prior)
         diffusion = F.mse_loss(pred, target)
         loss = diffusion
@@ -225,9 +240,10 @@ class DiffCAModel(nn.Module):
             salient_head=self.salient_head, update_controller=self.split.training,
         )
         if cfg.w_denoise > 0:
-            x0 = self.to_diffusion(images)
-            x_t, t, target = self._noisy(x0, generator)
-            pred = self.denoiser(x_t, t, split.common + split.salient)
+            zhat = split.common + split.salient
+            prior = self.denoiser.render(zhat)
+            x_t, t, target = self._noisy(self._diffusion_target(self.to_diffusion(images), prior), generator)
+            pred = self.denoiser(x_t, t, zhat, prior)
             terms["denoise"] = F.mse_loss(pred, target)
         loss = weighted_loss(terms, cfg)
         out = {k: v.detach() for k, v in terms.items()}
@@ -259,8 +275,9 @@ class DiffCAModel(nn.Module):
         sp = self.split(tokens)
         return EncodeOutput(sp.common, sp.salient, sp.salient_embedding, tokens)
 
-    def _model_fn(self, tokens: torch.Tensor):
-        prior = self.denoiser.render(tokens)
+    def _model_fn(self, tokens: torch.Tensor, prior: torch.Tensor | None = None):
+        if prior is None:
+            prior = self.denoiser.render(tokens)
 
         def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.denoiser(x_t, t, tokens, prior)
@@ -288,17 +305,24 @@ class DiffCAModel(nn.Module):
             g = torch.Generator().manual_seed(int(seed))
             x_start = _randn(self._shape(cond_tokens.shape[0]), g, cond_tokens.device)
             start_index = 0
-        clip = 1.0 if self.vae is None else None
-        z = ddim_sample(self._model_fn(cond_tokens), x_start, self.alphas_cumprod,
+        prior = self.denoiser.render(cond_tokens)
+        clip = None
+        if self.vae is None:
+            clip = 1.0
+            if self.config.residual_diffusion:  # keep render + residual inside [-1, 1]
+                k = self.config.residual_scale
+                clip = ((-1.0 - prior) * k, (1.0 - prior) * k)
+        r = ddim_sample(self._model_fn(cond_tokens, prior), x_start, self.alphas_cumprod,
                         self.config.prediction_type, steps, start_index, clip)
-        return self.from_diffusion(z)
+        return self.from_diffusion(self._from_target(r, prior))
 
     @torch.no_grad()
     def _start(self, x: torch.Tensor, src_tokens: torch.Tensor, noise: str,
                inversion_depth: float, steps: int, seed: int) -> tuple[torch.Tensor, int]:
-        x0 = self.to_diffusion(x)
+        prior = self.denoiser.render(src_tokens)
+        x0 = self._diffusion_target(self.to_diffusion(x), prior)
         if noise == "inverted":
-            return ddim_invert(self._model_fn(src_tokens), x0, self.alphas_cumprod,
+            return ddim_invert(self._model_fn(src_tokens, prior), x0, self.alphas_cumprod,
                                self.config.prediction_type, steps, inversion_depth)
         if noise == "fresh":
             g = torch.Generator().manual_seed(int(seed))

@@ -50,12 +50,13 @@ def split_prediction(out: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor,
 @torch.no_grad()
 def ddim_sample(model_fn: ModelFn, x_t: torch.Tensor, alphas_cumprod: torch.Tensor,
                 prediction_type: str, steps: int, start_index: int = 0,
-                clip: float | None = 1.0) -> torch.Tensor:
+                clip: float | tuple[torch.Tensor, torch.Tensor] | None = 1.0) -> torch.Tensor:
     """Run DDIM (η = 0) from ``x_t`` at ``timesteps[start_index]`` down to x₀.
 
     ``start_index`` 0 starts from pure noise at t = T − 1; k > 0 starts part way (the
     input must then be at that timestep, e.g. from :func:`ddim_invert`). ``clip``
-    clamps x̂₀ to [−clip, clip] at every step (None: no clamp, for latents).
+    clamps x̂₀ to [−clip, clip] at every step, or to ``(lo, hi)`` tensors broadcastable
+    to x (None: no clamp, for latents).
     """
     T = alphas_cumprod.shape[0]
     ts = ddim_timesteps(T, steps)
@@ -67,7 +68,7 @@ def ddim_sample(model_fn: ModelFn, x_t: torch.Tensor, alphas_cumprod: torch.Tens
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         x0, eps = split_prediction(model_fn(x, tt), x, a, prediction_type)
         if clip is not None:
-            x0 = x0.clamp(-clip, clip)
+            x0 = x0.clamp(-clip, clip) if isinstance(clip, (int, float)) else torch.clamp(x0, *clip)
             # keep ε consistent with the clamped x̂₀ so the trajectory stays on the ODE
             eps = (x - a.sqrt() * x0) / (1 - a).clamp_min(1e-8).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
