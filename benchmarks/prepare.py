@@ -14,7 +14,7 @@ and prints prepare / decode ratios and slices per second. Target: ratio <= 1.5.
 
 Usage::
 
-    python benchmarks/prepare.py [--data DIR] [--subjects 20] [--workers N] [--size 64] [--repeats 3]
+    python benchmarks/prepare.py [--data DIR] [--subjects 20] [--workers N] [--size 64] [--repeats 3] [--no-isal]
 """
 
 from __future__ import annotations
@@ -55,7 +55,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for prepare and parallel decode")
     parser.add_argument("--size", type=int, default=64, help="store slice size")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each timing (interleaved); the fastest counts")
+    parser.add_argument("--no-isal", action="store_true",
+                        help="decode in prepare with nibabel's gzip stream instead of ISA-L (for comparison)")
     args = parser.parse_args()
+    if args.no_isal:
+        from diffca_med.data import niftigz
+
+        niftigz.igzip = None  # forked workers inherit this
 
     from diffca_med.data.layouts import discover
     from diffca_med.data.phantom import make_cohort
@@ -73,7 +79,8 @@ def main() -> None:
     size_mb = sum(os.path.getsize(f) for f in files) / 1e6
     for f in files:  # warm the page cache so both timings read from memory
         Path(f).read_bytes()
-    print(f"{len(subjects)} subjects, {len(files)} files, {size_mb:.0f} MB compressed, workers={args.workers}")
+    print(f"{len(subjects)} subjects, {len(files)} files, {size_mb:.0f} MB compressed, workers={args.workers}, "
+          f"prepare decodes with {'nibabel' if args.no_isal else 'ISA-L (isal)'}", flush=True)
 
     # interleave the timings so that load from other processes on the machine hits all
     # three alike; the fastest of each counts

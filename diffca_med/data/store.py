@@ -187,7 +187,8 @@ class SliceStore:
         D must equal the subject's number of stored slices (all of :meth:`subject_rows`).
         With ``rescale=True`` (images, (D, C, H, W) in store channel order), values in
         [0, 1] are mapped back to each modality's source intensity range (the
-        normalisation percentiles). Returns (X, Y, Z) or (X, Y, Z, C).
+        normalisation percentiles) inside the brain; the background stays 0.
+        Returns (X, Y, Z) or (X, Y, Z, C).
         """
         geom = self.geometry[subject]
         vol = slices_to_volume(geom, slices, order=order)
@@ -195,7 +196,10 @@ class SliceStore:
             if vol.ndim != 4:
                 raise ValueError("rescale=True needs image slices (D, C, H, W)")
             lohi = np.array([geom["intensity"][m] for m in self.modalities], dtype=np.float32)
-            inside = slices_to_volume(geom, np.ones((geom["n_slices"], self.size, self.size), np.uint8), order=0) > 0
+            # background stays 0 rather than becoming lo: inside = the subject's stored brain
+            # mask put back, or any channel above 0 (interpolation blurs the mask's edge)
+            brain = slices_to_volume(geom, np.asarray(self.brain[self.subject_rows(subject)]), order=0) > 0
+            inside = brain | (vol > 0).any(axis=-1)
             vol = lohi[:, 0] + vol * (lohi[:, 1] - lohi[:, 0])
             vol[~inside] = 0.0
         return vol
