@@ -9,7 +9,10 @@ guidance anomaly-detection tutorial:
   prediction type), conditioned instead of on image tokens on a learned *class* token
   set: healthy, tumour, or — with probability ``p_uncond`` — the null class. Trained by
   Diff-CA's own loop (:func:`diffca_med.training.loop.train_stage`, stage-1 schedule),
-  so the budget (steps, batch, learning rate, EMA) is the same as our stage 1;
+  so the budget (steps, batch, learning rate, EMA) is the same as our stage 1. It
+  diffuses x₀ itself even when the config asks Diff-CA for residual diffusion around the
+  token render: guidance mixes the predictions of two classes, whose renders differ, so
+  both must live in one space;
 * **pseudo-healthy** — deterministic DDIM inversion of the input with the
   unconditional model to ``inversion_depth`` of the trajectory, then DDIM sampling
   with the guided prediction ``u + w·(c_healthy − u)`` (``w = guidance``). Both DDIM
