@@ -118,7 +118,7 @@ def test_stage_losses_and_freezing():
     for key in ("adv_acc", "grl_weight", "bg_salient", "token_rec"):
         assert key in out and out[key].ndim == 0
     assert model.denoiser.unet.conv_in.weight.grad is None
-    assert model.adversary.net[0].weight.grad is not None
+    assert model.adversary.net[1].weight.grad is not None
     assert int(model.grl.steps) == 1
     assert model.trainable_parameters(0) == []  # pixel space: no stage 0
 

@@ -71,7 +71,7 @@ class ModelConfig:
     """AdaGN scale/shift of every ResNet block from the flattened tokens (DiffAE-style)."""
     render_prior: bool = True
     """Concatenate a coarse image decoded from Z alone to the U-Net input."""
-    residual_diffusion: bool = True
+    residual_diffusion: bool = False
     """Diffuse the residual ``(x₀ − render(Z)) · residual_scale`` instead of x₀ itself;
     the image is ``render(Z) + residual``. Needs ``render_prior``."""
     residual_scale: float = 3.0
@@ -96,6 +96,9 @@ class ModelConfig:
     split_depth: int = 2
     """Transformer layers of the split encoder E."""
     adversary_hidden: int = 64
+    adversary_pooling: str = "mean"
+    """What the adversary and the MMD term see of Ẑ_C: ``mean`` over tokens (B, D) or
+    ``flat`` (B, T·D)."""
     grl_init: float = 0.1
     grl_min: float = 0.0
     grl_max: float = 1.0
@@ -114,7 +117,7 @@ class ModelConfig:
     """Frozen-denoiser loss conditioned on Ẑ (costs a U-Net forward+backward)."""
     w_mmd: float = 1.0
     """MMD between Ẑ_C of target and Z of background images (peer term)."""
-    w_salient_cls: float = 0.0
+    w_salient_cls: float = 1.0
     """Logistic loss of a linear healthy/tumour head on the salient embedding."""
 
     def __post_init__(self) -> None:
@@ -186,6 +189,8 @@ class ModelConfig:
         for c in list(self.unet_channels) + list(self.scratch_channels):
             if c % self.norm_groups:
                 bad("norm_groups", f"must divide every channel width (got {c})")
+        if self.adversary_pooling not in ("mean", "flat"):
+            bad("adversary_pooling", "must be 'mean' or 'flat'")
         if self.residual_diffusion and not self.render_prior:
             bad("residual_diffusion", "needs render_prior: true")
         if self.residual_scale <= 0:

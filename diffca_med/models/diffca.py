@@ -428,7 +428,11 @@ class DiffCAModel(nn.Module):
             state = load_file(str(w_file), device=str(map_location))
         except Exception as err:  # safetensors raises its own error types
             raise InputError(f"{w_file}: cannot read weights ({err})") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            first = str(err).strip().splitlines()[-1].strip()
+            raise InputError(f"{w_file}: weights do not match the config ({first})") from None
         if missing or unexpected:
             raise InputError(
                 f"{w_file}: weights do not match the config "

@@ -90,19 +90,32 @@ def grad_reverse(x: torch.Tensor, weight: float) -> torch.Tensor:
     return _ReverseGrad.apply(x, float(weight))
 
 
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, D) → (B, D) token mean (``mean``) or (B, T·D) (``flat``)."""
+    return tokens.mean(dim=1) if pooling == "mean" else tokens.flatten(1)
+
+
 class Adversary(nn.Module):
-    """Set classifier on the common tokens: (B, T, D) → logits (B,) (1 = target)."""
+    """Set classifier on the common tokens: (B, T, D) → logits (B,) (1 = target).
+
+    It sees the tokens pooled as ``config.adversary_pooling`` says (the token mean, the
+    view the common-part probe uses, or all tokens flattened).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         h = config.adversary_hidden
+        self.pooling = config.adversary_pooling
+        n_in = config.token_dim if self.pooling == "mean" else config.n_tokens * config.token_dim
+        # standardising the input (batch statistics) lets the adversary see low-variance
+        # directions, as a standardised linear probe does
         self.net = nn.Sequential(
-            nn.Linear(config.n_tokens * config.token_dim, h), nn.SiLU(),
-            nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1),
+            nn.BatchNorm1d(n_in, affine=False),
+            nn.Linear(n_in, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1),
         )
 
     def forward(self, common: torch.Tensor) -> torch.Tensor:
-        return self.net(common.flatten(1)).squeeze(1)
+        return self.net(pool_tokens(common, self.pooling)).squeeze(1)
 
 
 class GRLController(nn.Module):
@@ -180,7 +193,8 @@ def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLContr
     terms["adv"] = F.binary_cross_entropy_with_logits(logits, labels.float())
     acc = ((logits.detach() > 0).long() == labels).float().mean()
     if config.w_mmd > 0:
-        terms["mmd"] = mmd_rbf(out.common[tg].flatten(1), tokens[bg].flatten(1))
+        pool = config.adversary_pooling
+        terms["mmd"] = mmd_rbf(pool_tokens(out.common[tg], pool), pool_tokens(tokens[bg], pool))
     if config.w_salient_cls > 0 and salient_head is not None:
         terms["salient_cls"] = F.binary_cross_entropy_with_logits(
             salient_head(out.salient_embedding).squeeze(1), labels.float()
