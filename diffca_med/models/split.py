@@ -149,6 +149,16 @@ class GRLController(nn.Module):
         self.weight.fill_(min(max(new, self.lo), self.hi))
 
 
+def mean_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared difference of the means of a (N, F) and b (M, F) per feature, in units of
+    the pooled per-feature variance, averaged over features (a linear-kernel MMD on
+    standardised features: what a standardised linear probe exploits first)."""
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        return a.new_zeros(())
+    var = torch.cat([a, b]).var(dim=0).detach().clamp_min(1e-4)
+    return ((a.mean(0) - b.mean(0)).pow(2) / var).mean()
+
+
 def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Biased RBF-kernel MMD² between samples a (N, F) and b (M, F), median bandwidth."""
     if a.shape[0] == 0 or b.shape[0] == 0:
@@ -194,7 +204,8 @@ def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLContr
     acc = ((logits.detach() > 0).long() == labels).float().mean()
     if config.w_mmd > 0:
         pool = config.adversary_pooling
-        terms["mmd"] = mmd_rbf(pool_tokens(out.common[tg], pool), pool_tokens(tokens[bg], pool))
+        a, b = pool_tokens(out.common[tg], pool), pool_tokens(tokens[bg], pool)
+        terms["mmd"] = mmd_rbf(a, b) + mean_gap(a, b)
     if config.w_salient_cls > 0 and salient_head is not None:
         terms["salient_cls"] = F.binary_cross_entropy_with_logits(
             salient_head(out.salient_embedding).squeeze(1), labels.float()
