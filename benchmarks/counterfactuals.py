@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/counterfactuals.py DEMO_OUT [--dilation 2] [--json out.json]
+    python benchmarks/counterfactuals.py DEMO_OUT [--dilation 2] [--ph PH_DIR] [--subgroups SG_DIR] [--json out.json]
 
 For every subject with pseudo-healthy volumes (the demo makes them for the held-out
 test split), against the phantom's true healthy twin
@@ -66,11 +66,11 @@ def geometry_ok(src: Path, out: Path) -> dict:
     return {"shape": shape_ok, "affine": affine_ok, "axcodes": codes_ok, "simpleitk": bool(itk_ok)}
 
 
-def measure(demo: Path, dilation: int = 2) -> dict:
+def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Path | None = None) -> dict:
     from diffca_med.data.store import SliceStore
 
     data = demo / "data"
-    ph = demo / "pseudo-healthy"
+    ph = ph or demo / "pseudo-healthy"
     summaries = [json.loads(p.read_text()) for p in sorted(ph.glob("*/summary.json"))]
     if not summaries:
         raise SystemExit(f"{ph}: no pseudo-healthy outputs")
@@ -118,7 +118,7 @@ def measure(demo: Path, dilation: int = 2) -> dict:
         "geometry_files": len(geometry),
     }
     result["inside_gain_db"] = result["psnr_inside_pseudo_healthy"] - result["psnr_inside_identity"]
-    clusters_file = demo / "subgroups" / "clusters.csv"
+    clusters_file = (subgroups or demo / "subgroups") / "clusters.csv"
     if clusters_file.is_file():
         from sklearn.metrics import adjusted_rand_score
 
@@ -138,9 +138,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("demo", type=Path, help="a finished `diffca-med demo` output folder")
     ap.add_argument("--dilation", type=int, default=2, help="3-D dilation of the tumour mask in voxels")
+    ap.add_argument("--ph", type=Path, help="another pseudo-healthy output folder (default: DEMO_OUT/pseudo-healthy)")
+    ap.add_argument("--subgroups", type=Path, help="another subgroups folder (default: DEMO_OUT/subgroups)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
-    r = measure(args.demo, args.dilation)
+    r = measure(args.demo, args.dilation, args.ph, args.subgroups)
     print(f"subjects with pseudo-healthy volumes: {r['subjects']}")
     print(f"inside dilated tumour: PSNR pseudo-healthy {r['psnr_inside_pseudo_healthy']:.2f} dB vs identity "
           f"{r['psnr_inside_identity']:.2f} dB (gain {r['inside_gain_db']:+.2f} dB; target >= +3)")
