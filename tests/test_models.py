@@ -51,8 +51,30 @@ def test_config_rejects_unknown_and_bad_values():
         ModelConfig(backbone="dinov3")
     with pytest.raises(ConfigError, match="attention_levels"):
         tiny(attention_levels=[True])
+    with pytest.raises(ConfigError, match="n_queries must be an integer"):
+        ModelConfig.from_dict({"n_queries": "16"})
+    with pytest.raises(ConfigError, match="attention_levels"):
+        ModelConfig.from_dict({"attention_levels": [1, 0, 1]})
+    with pytest.raises(ConfigError, match="must be a number"):
+        ModelConfig.from_dict({"grl_gain": "fast"})
+    assert ModelConfig.from_dict({"grl_gain": 1, "dinov3_path": None}).grl_gain == 1
     cfg = ModelConfig.from_dict(tiny().to_dict())
     assert cfg == tiny()
+
+
+def test_pretrained_autoencoder_from_local_folder(tmp_path):
+    from diffca_med.models.autoencoder import build_autoencoder
+
+    cfg = tiny(space="latent", vae_channels=[8, 8], latent_channels=2)
+    build_autoencoder(cfg).save_pretrained(tmp_path / "vae")
+    model = DiffCAModel(tiny(space="latent", vae_channels=[8, 8], latent_channels=2,
+                             pretrained_vae=str(tmp_path / "vae")))
+    assert model.vae.config.latent_channels == 2
+    with pytest.raises(ConfigError, match="latent"):
+        DiffCAModel(tiny(space="latent", vae_channels=[8, 8], latent_channels=4,
+                         pretrained_vae=str(tmp_path / "vae")))
+    with pytest.raises(ConfigError, match="nowhere"):
+        DiffCAModel(tiny(space="latent", pretrained_vae=str(tmp_path / "nowhere")))
 
 
 def test_shapes_and_additive_split():

@@ -215,9 +215,45 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model option(s): {', '.join(unknown)}")
+        defaults = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(defaults, f.name, default)
+        for key, value in data.items():
+            _check_type(source, key, value, getattr(defaults, key))
         try:
             return cls(**data)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_type(source: str, key: str, value: Any, default: Any) -> None:
+    """Raise ConfigError unless ``value`` has the type of the field's default."""
+    def fail(kind: str) -> None:
+        raise ConfigError(f"{source}: model.{key} must be {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            fail("a list")
+        inner = type(default[0]) if default else None
+        for v in value:
+            if inner is bool and not isinstance(v, bool):
+                fail("a list of true/false")
+            if inner is int and (isinstance(v, bool) or not isinstance(v, int)):
+                fail("a list of integers")
+            if inner is str and not isinstance(v, str):
+                fail("a list of names")
+    elif isinstance(default, str) or default is None:
+        if value is not None and not isinstance(value, str):
+            fail("a string")
