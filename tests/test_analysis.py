@@ -231,3 +231,19 @@ def test_subject_table_falls_back_to_healthy_slices():
     t = subject_table(df).set_index("subject")
     assert t.loc["a", "label"] == "tumour" and t.loc["a", "salient_0"] == 3.0 and t.loc["a", "n_slices"] == 1
     assert t.loc["b", "label"] == "healthy" and t.loc["b", "salient_0"] == 3.0 and t.loc["b", "n_slices"] == 2
+
+
+def test_masked_compose_keeps_the_original_outside_the_anomaly(model_dir, tiny_store, tmp_path):
+    from diffca_med.analysis.counterfactuals import AnomalyOptions
+
+    store = SliceStore(tiny_store)
+    subject = store.subjects[0]
+    gen = GenerationOptions(seed=0, steps=1, batch_size=64)
+    # a threshold above any anomaly: empty mask, so nothing may change
+    none = AnomalyOptions(threshold="fixed", threshold_value=10.0, compose="masked", previews=1)
+    [s] = run_pseudo_healthy(model_dir, tiny_store, tmp_path / "m", subjects=[subject], generation=gen,
+                             anomaly=none, progress=False)
+    src = store.source_files(subject)["t1c"].path
+    out = nib.load(tmp_path / "m" / subject / s["outputs"]["t1c"])
+    assert s["anomaly_volume_ml"] == 0.0
+    assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(src).dataobj).astype(np.float32))

@@ -37,6 +37,9 @@ back to the original grid and intensity scale (``compose``):
   and only the model's change is added.
 * ``direct``: ``lo + (hi − lo) · up(pseudo)`` inside the brain (the generated image
   itself, at the store's resolution).
+* ``masked``: like ``residual``, but the change is applied only inside the anomaly
+  mask dilated by ``dilation`` pixels (soft 1-pixel edge): the original everywhere
+  else, so only the detected anomaly is replaced.
 
 Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
@@ -64,11 +67,13 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from diffca_med.analysis.anomaly import (
     COMBINE_METHODS,
     THRESHOLD_METHODS,
     anomaly_map,
+    dilate_mask,
     anomaly_mask,
     healthy_region_fidelity,
     most_affected_slices,
@@ -77,7 +82,7 @@ from diffca_med.errors import ConfigError, InputError
 from diffca_med.fileio import atomic_path, atomic_write_text
 
 NOISE_CHOICES = ("fresh", "inverted")
-COMPOSE_CHOICES = ("residual", "direct")
+COMPOSE_CHOICES = ("residual", "direct", "masked")
 #: Quality-flag thresholds (documented in the report).
 POOR_PSNR_DB = 20.0
 LARGE_ANOMALY_FRACTION = 0.2
@@ -131,7 +136,7 @@ class AnomalyOptions:
         if self.previews < 0 or self.dilation < 0:
             raise ConfigError("--previews and --dilation must not be negative")
         if self.compose not in COMPOSE_CHOICES:
-            raise ConfigError(f"--compose: unknown value {self.compose!r} (use residual or direct)")
+            raise ConfigError(f"--compose: unknown value {self.compose!r} (use residual, direct or masked)")
 
 
 # --------------------------------------------------------------------------- data
@@ -399,8 +404,13 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
 
     # ---- back to the original grid
     brain_vol = store.to_volume(subject, stack.brain.astype(np.uint8), order=0) > 0
-    if options.compose == "residual":
-        change = store.to_volume(subject, stack.pseudo - stack.inputs)  # (X, Y, Z, C)
+    if options.compose in ("residual", "masked"):
+        delta = stack.pseudo - stack.inputs  # (D, C, H, W)
+        if options.compose == "masked":
+            # only inside the dilated anomaly mask, with a soft (1-pixel Gaussian) edge
+            weight = ndimage.gaussian_filter(dilate_mask(mask, options.dilation).astype(np.float32), (0, 1, 1))
+            delta = delta * weight[:, None]
+        change = store.to_volume(subject, delta)  # (X, Y, Z, C)
     else:
         generated = store.to_volume(subject, stack.pseudo)
     outputs: dict[str, str] = {}
@@ -415,7 +425,7 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
         if original.shape != brain_vol.shape:
             raise InputError(f"{ref_path}: shape {original.shape} differs from the stored geometry {brain_vol.shape}")
         lo, hi = lohi[c]
-        if options.compose == "residual":
+        if options.compose in ("residual", "masked"):
             vol = original + (hi - lo) * change[..., c]
         else:
             vol = lo + (hi - lo) * generated[..., c]
