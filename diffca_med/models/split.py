@@ -149,14 +149,25 @@ class GRLController(nn.Module):
         self.weight.fill_(min(max(new, self.lo), self.hi))
 
 
-def mean_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared difference of the means of a (N, F) and b (M, F) per feature, in units of
-    the pooled per-feature variance, averaged over features (a linear-kernel MMD on
-    standardised features: what a standardised linear probe exploits first)."""
+def mean_gap(a: torch.Tensor, b: torch.Tensor, shrinkage: float = 0.1) -> torch.Tensor:
+    """Mahalanobis distance² between the means of a (N, F) and b (M, F), divided by F.
+
+    The covariance is the pooled within-set covariance of the batch, shrunk towards
+    its mean variance (``shrinkage``) and detached. This is the separation a linear
+    probe (LDA / logistic regression) exploits, including along low-variance,
+    correlated directions that a per-feature or RBF comparison barely weighs.
+    """
     if a.shape[0] < 2 or b.shape[0] < 2:
         return a.new_zeros(())
-    var = torch.cat([a, b]).var(dim=0).detach().clamp_min(1e-4)
-    return ((a.mean(0) - b.mean(0)).pow(2) / var).mean()
+    f = a.shape[1]
+    with torch.no_grad():
+        centred = torch.cat([a - a.mean(0), b - b.mean(0)])
+        cov = centred.T @ centred / max(1, centred.shape[0] - 2)
+        ridge = cov.diagonal().mean().clamp_min(1e-6)
+        cov = (1 - shrinkage) * cov + shrinkage * ridge * torch.eye(f, device=a.device, dtype=a.dtype)
+        prec = torch.linalg.inv(cov)
+    d = a.mean(0) - b.mean(0)
+    return (d @ prec @ d) / f
 
 
 def mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
