@@ -14,8 +14,10 @@ Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
   conditioning carries the image (target ≥ 5 dB);
 * stage 2 — 5-fold stratified logistic-regression probes of healthy vs tumour
   (balanced accuracy) from the salient embedding (target ≥ 0.9) and from the common
-  tokens averaged over tokens (target ≤ 0.65); the adversary's accuracy on these
-  slices and the controller's GRL weight;
+  tokens averaged over tokens (target ≤ 0.65), beside the same probe on Z and on the
+  slice position alone (axial index + brain area: a confound the common anatomy
+  legitimately carries); the adversary's accuracy on these slices and the
+  controller's GRL weight;
 * sampling speed in images/second.
 """
 
@@ -128,6 +130,10 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
             "salient_embedding_bacc": probe_balanced_accuracy(sal, labels_all, seed),
             "common_pooled_bacc": probe_balanced_accuracy(com, labels_all, seed),
             "tokens_pooled_bacc": probe_balanced_accuracy(tok, labels_all, seed),
+            # confound baseline: how well slice position alone (axial index, brain area)
+            # predicts the label; common anatomy legitimately carries this much
+            "slice_position_bacc": probe_balanced_accuracy(
+                index[["slice", "brain_pixels"]].to_numpy(dtype=float), labels_all, seed),
             "adversary_accuracy": float((adv == labels_all).mean()),
             "grl_weight": float(model.grl.weight),
             "salient_sq_healthy": float(sal_norm[labels_all == 0].mean()),
