@@ -337,7 +337,7 @@ def write_results(path: Path, results, steps, ours_info, cfg_info, prep_info, co
         f"- per-step wall times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in steps.times.items()),
         f"- data: {store.meta['source_root']} — {len(store.subjects)} phantom subjects, store {store.size}×{store.size}, "
         f"modalities {', '.join(cfg.model.modalities)}; evaluated on the test split: {r0['subjects']} subjects, "
-        f"{r0['slices']} slices (every {r0['options']['slice_stride']}th; {r0['tumour_slices']} tumour), "
+        f"{r0['slices']} slices (1 in {r0['options']['slice_stride']} per subject; {r0['tumour_slices']} tumour), "
         f"of {test['subject'].nunique()} test subjects / {len(test)} slices",
         f"- generation: DDIM {ddim_steps} steps; "
         "Diff-CA from DDIM-inverted noise (depth 1; the 'fresh noise' row, if any: seeded Gaussian noise); "
