@@ -542,6 +542,30 @@ def summary_row(summary: dict) -> dict:
     }
 
 
+def open_model_and_data(model_path: str | Path, data: str | Path, work: str | Path, model=None,
+                        progress: bool = True):
+    """Load the model (unless given) and the store it reads, checked against each other.
+
+    Args:
+        model_path: a trained model folder; ignored when ``model`` is given.
+        data: a prepared store or a raw BraTS/MSD/BIDS folder (prepared into ``work``).
+        work: where a raw folder's store is written.
+
+    Returns:
+        ``(model in eval mode, SliceStore, channel indices of the model's modalities)``.
+    """
+    if model is None:
+        from diffca_med.models import DiffCAModel
+
+        if not Path(model_path).is_dir():
+            raise InputError(f"{model_path}: no such model folder")
+        model = DiffCAModel.from_pretrained(model_path)
+    model.eval()
+    store = open_data(data, work, model.config.modalities, model.config.image_size, progress)
+    check_size(store, model)
+    return model, store, channel_indices(store, model.config.modalities)
+
+
 def run_pseudo_healthy(
     model_path: str | Path,
     data: str | Path,
@@ -570,16 +594,7 @@ def run_pseudo_healthy(
     generation = generation or GenerationOptions()
     anomaly = anomaly or AnomalyOptions()
     out = Path(out)
-    if model is None:
-        from diffca_med.models import DiffCAModel
-
-        if not Path(model_path).is_dir():
-            raise InputError(f"{model_path}: no such model folder")
-        model = DiffCAModel.from_pretrained(model_path)
-    model.eval()
-    store = open_data(data, out / "store", model.config.modalities, model.config.image_size, progress)
-    check_size(store, model)
-    channels = channel_indices(store, model.config.modalities)
+    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress)
     chosen = select_subjects(store, subjects, split)
     options = {"generation": asdict(generation), "anomaly": asdict(anomaly), "write_slices": write_slices,
                "model": str(model_path), "store": str(store.path)}

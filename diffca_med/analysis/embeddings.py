@@ -105,19 +105,10 @@ def run_embed(model_path: str | Path, data: str | Path, out: str | Path, batch_s
     """
     from tqdm.auto import tqdm
 
-    from diffca_med.analysis.counterfactuals import channel_indices, check_size, open_data
+    from diffca_med.analysis.counterfactuals import open_model_and_data
 
     out = Path(out)
-    if model is None:
-        from diffca_med.models import DiffCAModel
-
-        if not Path(model_path).is_dir():
-            raise InputError(f"{model_path}: no such model folder")
-        model = DiffCAModel.from_pretrained(model_path)
-    model.eval()
-    store = open_data(data, out / "store", model.config.modalities, model.config.image_size, progress)
-    check_size(store, model)
-    channels = channel_indices(store, model.config.modalities)
+    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress)
     rows = store.rows(split=list(splits) if splits else None, labels=None)
     if rows.size == 0:
         raise InputError(f"{store.path}: no slices to embed" + (f" in split(s) {', '.join(splits)}" if splits else ""))
