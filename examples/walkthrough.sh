@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The pipeline step by step on the built-in synthetic cohort, one command per step,
-# each writing plain files the next one reads. CPU, about 15 minutes on 2 cores.
+# each writing plain files the next one reads. CPU, about 10 minutes on 2 cores.
 # Replace `work/cohort` by your own BraTS / MSD / BIDS folder to run it on real data
 # (and `--config cpu-demo` by `brats-128` on a GPU).
 set -euo pipefail
