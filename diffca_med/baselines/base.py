@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from diffca_med.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 BASELINE_FILE = "baseline.json"
 
@@ -66,6 +69,28 @@ class Method:
         ``progress(n)`` is called after each batch with the number of images done.
         """
         raise TypeError(f"{self.name} makes no counterfactuals")
+
+    @staticmethod
+    def _generate_in_batches(
+        images: np.ndarray,
+        batch_size: int,
+        generate: Callable[[torch.Tensor, int], torch.Tensor],
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Run ``generate(x, offset)`` over ``(N, C, H, W)`` images in batches.
+
+        ``x`` is a float32 CPU tensor ``(b, C, H, W)`` of the batch starting at image
+        ``offset``; the results are concatenated into a float32 array ``(N, C, H, W)``.
+        """
+        import torch
+
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[i : i + batch_size], dtype=np.float32))
+            out.append(generate(x, i).float().cpu().numpy())
+            if progress is not None:
+                progress(len(x))
+        return np.concatenate(out) if out else np.zeros_like(images, dtype=np.float32)
 
     def embed(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
         """``(N, C, H, W)`` -> ``{"salient": (N, d)[, "common": (N, D)]}``.

@@ -153,14 +153,11 @@ class CFGBaseline(Method):
 
     def pseudo_healthy(self, images: np.ndarray, seed: int = 0, batch_size: int = 32,
                        progress: Callable[[int], None] | None = None) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i : i + batch_size], dtype=np.float32))
-            y = self.model.pseudo_healthy(x.to(self.model.device), self.guidance, self.inversion_depth, self.steps)
-            out.append(y.float().cpu().numpy())
-            if progress is not None:
-                progress(len(x))
-        return np.concatenate(out) if out else np.zeros_like(images, dtype=np.float32)
+        def generate(x: torch.Tensor, offset: int) -> torch.Tensor:
+            # Deterministic: the starting noise is the DDIM inversion, so no seed is used.
+            return self.model.pseudo_healthy(x.to(self.model.device), self.guidance, self.inversion_depth, self.steps)
+
+        return self._generate_in_batches(images, batch_size, generate, progress)
 
     def save(self, path: str | Path) -> None:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}

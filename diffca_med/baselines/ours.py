@@ -43,16 +43,12 @@ class DiffCAMethod(Method):
 
     def pseudo_healthy(self, images: np.ndarray, seed: int = 0, batch_size: int = 32,
                        progress: Callable[[int], None] | None = None) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i : i + batch_size], dtype=np.float32))
-            y = self.model.pseudo_healthy(x.to(self.model.device), noise=self.noise,
-                                          inversion_depth=self.inversion_depth, steps=self.steps,
-                                          seed=seed + i)
-            out.append(y.float().cpu().numpy())
-            if progress is not None:
-                progress(len(x))
-        return np.concatenate(out) if out else np.zeros_like(images, dtype=np.float32)
+        def generate(x: torch.Tensor, offset: int) -> torch.Tensor:
+            return self.model.pseudo_healthy(x.to(self.model.device), noise=self.noise,
+                                             inversion_depth=self.inversion_depth, steps=self.steps,
+                                             seed=seed + offset)
+
+        return self._generate_in_batches(images, batch_size, generate, progress)
 
     @torch.no_grad()
     def embed(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
