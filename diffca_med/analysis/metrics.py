@@ -212,6 +212,18 @@ def dice_at_threshold(scores: np.ndarray, target: np.ndarray, threshold: float,
     return dice_score(scores > threshold, target)
 
 
+def _scores_in(scores: np.ndarray, target: np.ndarray,
+               valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float64) and binary target, restricted to ``valid`` pixels when given."""
+    s = np.asarray(scores, np.float64)
+    t = np.asarray(target, bool)
+    _check_same_shape(s, t)
+    if valid is not None:
+        v = _as_mask(valid, s.shape)
+        s, t = s[v], t[v]
+    return s, t
+
+
 def best_dice(scores: np.ndarray, target: np.ndarray,
               valid: np.ndarray | None = None) -> tuple[float, float]:
     """Best Dice of ``scores > t`` against ``target`` over all thresholds ``t``.
@@ -220,12 +232,7 @@ def best_dice(scores: np.ndarray, target: np.ndarray,
     upper bound a perfectly tuned threshold could reach. Returns ``(dice, t)``; with
     no positive pixel anywhere returns ``(nan, nan)``.
     """
-    s = np.asarray(scores, np.float64)
-    t = np.asarray(target, bool)
-    _check_same_shape(s, t)
-    if valid is not None:
-        v = _as_mask(valid, s.shape)
-        s, t = s[v], t[v]
+    s, t = _scores_in(scores, target, valid)
     s, t = s.ravel(), t.ravel()
     n_pos = int(t.sum())
     if n_pos == 0 or s.size == 0:
@@ -251,12 +258,7 @@ def pixel_auprc(scores: np.ndarray, target: np.ndarray, valid: np.ndarray | None
     tumour mask, ``valid`` an optional mask of pixels that count (e.g. the brain).
     Uses ``sklearn.metrics.average_precision_score``; NaN without positive pixels.
     """
-    s = np.asarray(scores, np.float64)
-    t = np.asarray(target, bool)
-    _check_same_shape(s, t)
-    if valid is not None:
-        v = _as_mask(valid, s.shape)
-        s, t = s[v], t[v]
+    s, t = _scores_in(scores, target, valid)
     if not t.any():
         return float("nan")
     return float(average_precision_score(t.ravel(), s.ravel()))

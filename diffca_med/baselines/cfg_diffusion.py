@@ -29,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -81,7 +80,7 @@ class CFGDiffusion(nn.Module):
 
         ``images`` (B, C, H, W) in [0, 1]; ``labels`` (B,) 0 healthy / 1 tumour.
         """
-        from diffca_med.models.diffca import DiffCAModel
+        from diffca_med.models.diffca import DiffCAModel, denoising_losses
 
         x0 = images * 2.0 - 1.0
         gdev = generator.device if generator is not None else images.device
@@ -89,16 +88,9 @@ class CFGDiffusion(nn.Module):
         cls = torch.where(drop, torch.full_like(labels, NULL), labels.long())
         tokens = self.class_tokens[cls]
         prior = self.denoiser.render(tokens)
-        # Same noising and targets as Diff-CA's stage 1 (shared code, same schedule).
-        x_t, t, target = DiffCAModel._noisy(self, x0, generator)
-        diffusion = F.mse_loss(self.denoiser(x_t, t, tokens, prior), target)
-        loss, out = diffusion, {"diffusion": diffusion.detach()}
-        if prior is not None:
-            render = F.mse_loss(prior, x0)
-            loss = loss + self.config.render_loss_weight * render
-            out["render"] = render.detach()
-        out["loss"] = loss
-        return out
+        # Same noising, targets and losses as Diff-CA's stage 1 (shared code, same schedule).
+        return denoising_losses(self.denoiser, DiffCAModel._noisy(self, x0, generator), x0, tokens, prior,
+                                self.config.render_loss_weight)
 
     @property
     def device(self) -> torch.device:

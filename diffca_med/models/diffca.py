@@ -71,6 +71,31 @@ def _randn(shape, generator: torch.Generator | None, device: torch.device) -> to
     return torch.randn(shape, generator=generator, device=gdev).to(device)
 
 
+def denoising_losses(denoiser: Denoiser, noised: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     x0: torch.Tensor, tokens: torch.Tensor, prior: torch.Tensor | None,
+                     render_weight: float) -> dict[str, torch.Tensor]:
+    """Stage-1 loss of a token-conditioned denoiser (Diff-CA and the CFG baseline).
+
+    Args:
+        noised: ``(x_t, t, target)`` from :meth:`DiffCAModel._noisy`.
+        x0: clean image in diffusion space, (B, C, H, W).
+        tokens: conditioning tokens (B, T, D); prior: the token render (B, C, H, W) or None.
+        render_weight: weight of the render's own MSE to ``x0``.
+
+    Returns:
+        ``{"loss", "diffusion"[, "render"]}``; all but ``loss`` detached.
+    """
+    x_t, t, target = noised
+    diffusion = F.mse_loss(denoiser(x_t, t, tokens, prior), target)
+    loss, out = diffusion, {"diffusion": diffusion.detach()}
+    if prior is not None:
+        render = F.mse_loss(prior, x0)
+        loss = loss + render_weight * render
+        out["render"] = render.detach()
+    out["loss"] = loss
+    return out
+
+
 class DiffCAModel(nn.Module):
     """The Diff-CA model for ``config`` (see module docstring for its parts)."""
 
@@ -219,17 +244,8 @@ class DiffCAModel(nn.Module):
         x0 = self.to_diffusion(images)
         tokens = self.conditioner(images)
         prior = self.denoiser.render(tokens)
-        x_t, t, target = self._noisy(self._diffusion_target(x0, prior), generator)
-        pred = self.denoiser(x_t, t, tokens, prior)
-        diffusion = F.mse_loss(pred, target)
-        loss = diffusion
-        out = {"diffusion": diffusion.detach()}
-        if prior is not None:
-            render = F.mse_loss(prior, x0)
-            loss = loss + self.config.render_loss_weight * render
-            out["render"] = render.detach()
-        out["loss"] = loss
-        return out
+        return denoising_losses(self.denoiser, self._noisy(self._diffusion_target(x0, prior), generator),
+                                x0, tokens, prior, self.config.render_loss_weight)
 
     def _stage2_loss(self, images, labels, generator):
         cfg = self.config
