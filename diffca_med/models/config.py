@@ -52,7 +52,7 @@ class ModelConfig:
     """Widths of the scratch CNN stages; each stage halves the resolution."""
     token_dim: int = 64
     """Width D of every conditioning token."""
-    n_queries: int = 16
+    n_queries: int = 64
     """K learned queries of the cross-query module (semantic tokens)."""
     cross_query_layers: int = 2
     query_locality: float = 1.0
@@ -76,7 +76,7 @@ class ModelConfig:
     the image is ``render(Z) + residual``. Needs ``render_prior``."""
     residual_scale: float = 3.0
     """Gain bringing the (small) residual nearer unit variance for the noise schedule."""
-    render_grid: int = 4
+    render_grid: int = 8
     """Side of the render decoder's first feature map (upsampled to the input size)."""
 
     # --- diffusion --------------------------------------------------------------------

@@ -27,17 +27,35 @@ from diffca_med.models.config import ModelConfig
 class TokenRenderer(nn.Module):
     """Tokens (B, T, D) → coarse image (B, C_d, S, S) in the diffusion space.
 
-    Flattened tokens → linear → (c, g, g) feature map → (upsample + conv) blocks up to
-    the diffusion size S. No input from the noisy image: it is what Z alone says.
+    The K semantic tokens are placed on a (g × g) feature map, g = ``render_grid``:
+    cell features = Σ_k A[cell, k] · W·token_k, with one projection W shared by all
+    tokens and a learnt token-to-cell mixing A (softmax over tokens) initialised from
+    the query anchors of :func:`~diffca_med.models.conditioning.locality_bias` (with
+    K = g² it starts as token k → cell k). The intensity token scales and shifts
+    every cell. (upsample + conv) blocks then bring the map to the diffusion size S.
+
+    Why a shared projection rather than one linear layer from all flattened tokens:
+    measured on the 30-subject CPU cohort (conditioner + renderer trained as a plain
+    autoencoder, 750 steps), the flattened layer memorised the 1 100 training slices
+    and plateaued at 17.6 dB brain PSNR on test subjects, while 64 tokens on an 8 × 8
+    grid reached 22.4 dB (train 23.2 dB). No input from the noisy image: this is what
+    Z alone says.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        g = config.render_grid
+        from diffca_med.models.conditioning import locality_bias
+
+        g, k = config.render_grid, config.n_queries
         c = config.unet_channels[-1]
         self.g, self.c = g, c
-        self.fc = nn.Linear(config.n_tokens * config.token_dim, c * g * g)
-        blocks: list[nn.Module] = []
+        self.cell = nn.Linear(config.token_dim, c)
+        self.film = nn.Linear(config.token_dim, 2 * c)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        sigma = 0.5 * g / k ** 0.5  # half the anchor spacing, in cells
+        self.mixing = nn.Parameter(locality_bias(k, g * g, sigma).t().contiguous())  # (g², K) logits
+        blocks: list[nn.Module] = [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(config.norm_groups, c), nn.SiLU()]
         side = g
         widths = list(reversed(config.unet_channels))
         i = 0
@@ -53,7 +71,11 @@ class TokenRenderer(nn.Module):
         self.net = nn.Sequential(*blocks)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        f = self.fc(tokens.flatten(1)).view(-1, self.c, self.g, self.g)
+        semantic, intensity = tokens[:, :-1], tokens[:, -1]
+        cells = torch.einsum("pk,bkc->bcp", self.mixing.softmax(dim=1), self.cell(semantic))
+        f = cells.reshape(-1, self.c, self.g, self.g)
+        scale, shift = self.film(intensity).chunk(2, dim=1)
+        f = f * (1.0 + scale[..., None, None]) + shift[..., None, None]
         return self.net(f)
 
 
