@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -165,6 +167,11 @@ def test_save_load_roundtrip_and_seed(tmp_path):
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="config.json"):
         DiffCAModel.from_pretrained(tmp_path / "bad")
+    old = json.loads((tmp_path / "m" / "config.json").read_text(encoding="utf-8"))
+    old["format_version"] = 1  # written before the grid token renderer
+    (tmp_path / "m" / "config.json").write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(InputError, match="older diffca-med.*retrain"):
+        DiffCAModel.from_pretrained(tmp_path / "m")
 
 
 def test_latent_space_stage0_and_roundtrip(tmp_path):

@@ -192,6 +192,19 @@ def test_cli_train_stage_by_stage(tiny_store, tmp_path):
     final = weights(run)
     assert all(torch.equal(s1[k], final[k]) for k in s1 if k.startswith(("denoiser.", "conditioner.")))
     assert any(not torch.equal(s1[k], final[k]) for k in s1 if k.startswith("split."))
+    # stage 2 again with other stage-2 settings: rebuilt fresh on the same stage 1
+    again = runner.invoke(app, base + ["--stage", "2", "--set", "stage2.steps=1", "--set", "model.salient_dim=3",
+                                       "--set", "model.w_mmd=0.0"])
+    assert again.exit_code == 0, again.output
+    saved = json.loads((run / "model" / "config.json").read_text())["model"]
+    assert saved["salient_dim"] == 3 and saved["w_mmd"] == 0.0
+    final = weights(run)
+    assert final["salient_head.weight"].shape == (1, 3)
+    assert all(torch.equal(s1[k], final[k]) for k in s1 if k.startswith(("denoiser.", "conditioner.")))
+    # a stage-1 field cannot change under a finished stage 1: the checkpoint's value is kept
+    kept = runner.invoke(app, base + ["--stage", "2", "--set", "stage2.steps=1", "--set", "model.token_dim=8"])
+    assert kept.exit_code == 0 and "token_dim" in kept.stderr
+    assert json.loads((run / "model" / "config.json").read_text())["model"]["token_dim"] == 16
 
 
 def _cli(*args: str) -> list[str]:

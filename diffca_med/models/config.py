@@ -16,6 +16,14 @@ from diffca_med.errors import ConfigError
 
 CANONICAL_MODALITIES = ("t1", "t1c", "t2", "flair")
 
+#: Fields that shape only stage 2 (the split, adversary and their losses): a new stage-2
+#: run on top of a trained stage 1 takes these from the YAML, the rest from stage 1.
+STAGE2_FIELDS = (
+    "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
+    "grl_max", "grl_gain", "grl_target", "grl_ema", "grl_warmup_steps", "w_token_rec", "w_bg_salient",
+    "w_adv", "w_denoise", "w_mmd", "w_salient_cls",
+)
+
 
 @dataclass
 class ModelConfig:

@@ -46,7 +46,7 @@ from diffca_med.models.split import (
 )
 
 FORMAT = "diffca-med-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: grid token renderer (1: one linear layer from the flattened tokens)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -133,13 +133,14 @@ class DiffCAModel(nn.Module):
 
     # ----------------------------------------------------------------- stages
     def stage_modules(self, stage: int) -> list[nn.Module]:
-        """Modules trained in ``stage`` (0: VAE; 1: conditioner + denoiser; 2: split)."""
+        """Modules trained in ``stage`` (0: VAE; 1: conditioner + denoiser; 2: split,
+        adversary, GRL controller state and salient head)."""
         if stage == 0:
             return [self.vae] if self.vae is not None else []
         if stage == 1:
             return [self.conditioner, self.denoiser]
         if stage == 2:
-            return [self.split, self.adversary, self.salient_head]
+            return [self.split, self.adversary, self.grl, self.salient_head]
         raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
@@ -427,9 +428,13 @@ class DiffCAModel(nn.Module):
             raise InputError(f"{cfg_file}: not valid JSON ({err})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise InputError(f"{cfg_file}: not a diffca-med model config")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise InputError(f"{cfg_file}: model format version {meta['format_version']} is newer "
+        version = int(meta.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise InputError(f"{cfg_file}: model format version {version} is newer "
                              f"than this diffca-med reads ({FORMAT_VERSION})")
+        if version < FORMAT_VERSION:
+            raise InputError(f"{cfg_file}: model format version {version} was written by an older "
+                             f"diffca-med whose token renderer this one no longer has; retrain the model")
         config = ModelConfig.from_dict(meta["model"], source=str(cfg_file))
         vit = vae = None
         if meta.get("backbone_config"):

@@ -192,12 +192,19 @@ def _stages_to_train(cfg: TrainConfig, stage: str) -> list[int]:
     return [s]
 
 
-def _model_config_from_state(state: dict, cfg: TrainConfig, warn: Callable[[str], None]):
-    """The checkpoint's model config (authoritative on resume); warn where YAML differs."""
-    from diffca_med.models.config import ModelConfig
+def _model_config_from_state(state: dict, cfg: TrainConfig, warn: Callable[[str], None],
+                             new_stage: int | None = None):
+    """The checkpoint's model config (authoritative on resume); warn where YAML differs.
 
-    saved = state.get("model_config") or {}
+    ``new_stage`` 2: a fresh stage 2 on a finished stage 1 takes the stage-2 fields
+    (``STAGE2_FIELDS``) from the YAML, so the split can be retrained with new settings.
+    """
+    from diffca_med.models.config import STAGE2_FIELDS, ModelConfig
+
+    saved = dict(state.get("model_config") or {})
     ours = cfg.model.to_dict()
+    if new_stage == 2:
+        saved.update({k: ours[k] for k in STAGE2_FIELDS})
     changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k) and k != "latent_scale")
     if changed:
         warn(f"the checkpoint's model settings differ from the config in {', '.join(changed)}; using the checkpoint's")
@@ -268,6 +275,7 @@ def train(
     start_ckpt: CheckpointInfo | None = None  # weights to load
     resume_ckpt: CheckpointInfo | None = None  # mid-stage training state to restore
     latest = read_latest(run_dir) if resume else None
+    load_stages: range | None = None  # stages whose weights start_ckpt gives (None: all)
     if resume and latest is None:
         shout(f"{run_dir}: no checkpoint to resume from; starting from the beginning")
     if latest is not None:
@@ -299,6 +307,7 @@ def train(
         stages = todo
     else:
         first = stages[0]
+        load_stages = range(first)  # a new stage takes only the earlier stages' weights
         prev = last_complete(run_dir, before_stage=first)
         if first == 2 and (prev is None or prev.stage < 1):
             raise ConfigError(f"{run_dir}: stage 2 needs a trained stage 1 in this run folder; run --stage 1 (or all) first")
@@ -310,7 +319,7 @@ def train(
             )
         if prev is not None:
             start_ckpt = prev
-            model_cfg = _model_config_from_state(prev.state, cfg, shout)
+            model_cfg = _model_config_from_state(prev.state, cfg, shout, new_stage=first)
             say(f"starting stage {first} from {prev.path.name}")
         later = sorted({c.stage for c in list_checkpoints(run_dir) if c.stage >= first})
         if later and main:
@@ -320,7 +329,8 @@ def train(
 
     model = _build_model(model_cfg, cfg.training.seed)
     if start_ckpt is not None:
-        load_model_state(start_ckpt, model)
+        # a new stage takes only the earlier stages' weights; a resume takes everything
+        load_model_state(start_ckpt, model, stages=load_stages)
     if main:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from diffca_med.errors import InputError
 from diffca_med.fileio import atomic_write_text
@@ -295,13 +295,28 @@ def last_complete(run_dir: str | Path, before_stage: int) -> CheckpointInfo | No
 # --------------------------------------------------------------------------- load
 
 
-def load_model_state(info: CheckpointInfo, model: torch.nn.Module) -> None:
-    """Load a checkpoint's weights into ``model`` (strict: every tensor must match)."""
+def load_model_state(info: CheckpointInfo, model: torch.nn.Module, stages=None) -> None:
+    """Load a checkpoint's weights into ``model`` (strict: every tensor must match).
+
+    ``stages``: skip the parts (``model.stage_modules``) of every other stage, which
+    keep their fresh initialisation; None loads everything.
+    """
+    path = info.path / "model.safetensors"
     try:
-        missing, unexpected = load_model(model, str(info.path / "model.safetensors"), strict=False)
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise InputError(f"{path}: cannot read weights ({err})") from None
+    if stages is not None:
+        later = [m for s in (0, 1, 2) if s not in stages for m in model.stage_modules(s)]
+        skip = {n for n, m in model.named_children() if any(m is x for x in later)}
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in skip}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise InputError(f"{info.path}: weights do not fit the configured model ({first})") from None
+    if stages is not None:  # the later stages' parts keep their fresh initialisation
+        missing = [k for k in missing if k.split(".", 1)[0] not in skip]
     if missing or unexpected:
         some = ", ".join(list(missing)[:3] + list(unexpected)[:3])
         raise InputError(f"{info.path}: weights do not fit the configured model (e.g. {some})")
