@@ -106,6 +106,26 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert list(other) != batches
 
 
+def test_position_matched_batches_pair_strata_and_resume_exactly():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 60 + [1] * 40)
+    strata = np.concatenate([rng.integers(0, 8, 60), rng.integers(2, 6, 40)])
+    strata[:60][strata[:60] == 5] = 6  # no healthy slice in stratum 5: the nearest serves it
+    full = StepBatchSampler(labels, 8, seed=0, stage=2, total_micro=40, strata=strata)
+    batches = list(full)
+    for b in batches:
+        healthy, tumour = np.array(b[:4]), np.array(b[4:])
+        assert (labels[healthy] == 0).all() and (labels[tumour] == 1).all()
+        gap = np.abs(strata[healthy] - strata[tumour])
+        assert (gap[strata[tumour] != 5] == 0).all() and (gap[strata[tumour] == 5] == 1).all()
+    late = StepBatchSampler(labels, 8, seed=0, stage=2, start_micro=25, total_micro=40, strata=strata)
+    assert list(late) == batches[25:]
+    # a stratum's healthy slices are walked in turn, not re-drawn at random
+    drawn = [i for b in batches for i in b[:4] if strata[i] == 3]
+    n3 = int(((strata == 3) & (labels == 0)).sum())
+    assert sorted(drawn[:n3]) == sorted(np.flatnonzero((strata == 3) & (labels == 0)).tolist())
+
+
 def test_checkpoints_are_atomic_pruned_and_pointed_at(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

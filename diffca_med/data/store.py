@@ -174,6 +174,17 @@ class SliceStore:
             mask &= (self.index["subject"] == subject).to_numpy()
         return np.flatnonzero(mask)
 
+    def axial_position(self) -> np.ndarray:
+        """Each row's slice position within its subject's stored slices, in [0, 1] (N,).
+
+        0 is the subject's lowest stored slice, 1 its highest (0.5 when it has one).
+        """
+        idx = self.index
+        lo = idx.groupby("subject")["slice"].transform("min").to_numpy(dtype=float)
+        hi = idx.groupby("subject")["slice"].transform("max").to_numpy(dtype=float)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        return np.where(hi > lo, (idx["slice"].to_numpy(dtype=float) - lo) / span, 0.5)
+
     def subject_rows(self, subject: str) -> np.ndarray:
         """All rows of ``subject`` in axial (``slice``) order — the stack :meth:`to_volume` expects."""
         rows = self.rows(labels=None, subject=subject)

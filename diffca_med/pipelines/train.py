@@ -214,6 +214,14 @@ def _model_config_from_state(state: dict, cfg: TrainConfig, warn: Callable[[str]
         raise InputError(f"checkpoint model_config is unusable: {err}") from None
 
 
+def _position_strata(store, dataset, bins: int) -> np.ndarray | None:
+    """Axial-position bin (0..bins-1) of each training slice, or None when ``bins`` is 0."""
+    if bins <= 0:
+        return None
+    pos = store.axial_position()[dataset.indices]
+    return np.minimum((pos * bins).astype(np.int64), bins - 1)
+
+
 def _build_model(model_cfg, seed: int):
     from diffca_med.models import DiffCAModel
 
@@ -361,6 +369,7 @@ def train(
             sample_images=samples,
             progress=progress,
             stop_at_step=stop_at[1] if stop_at is not None and stop_at[0] == s else None,
+            strata=_position_strata(store, dataset, cfg.stage(s).match_position_bins),
         )
         results.append({
             "stage": s,

@@ -57,6 +57,11 @@ class StepBatchSampler(Sampler[list[int]]):
     when a class is missing) all indices walk one permutation.
 
     ``labels``: int array (N,) of 0 healthy / 1 tumour for dataset indices 0..N-1.
+    ``strata``: optional int array (N,) (e.g. binned axial position); with it, each
+    tumour index of a balanced micro-batch is paired with a healthy index of the same
+    stratum (the nearest stratum that has healthy slices), each stratum walking its
+    own endless permutation, so the two halves share the strata's distribution and a
+    set classifier cannot tell them apart by that variable alone.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class StepBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world: int = 1,
         balanced: bool = True,
+        strata: Sequence[int] | np.ndarray | None = None,
     ):
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) == 0:
@@ -82,18 +88,63 @@ class StepBatchSampler(Sampler[list[int]]):
         idx = np.arange(len(labels))
         healthy, tumour = idx[labels == 0], idx[labels == 1]
         self.balanced = balanced and len(healthy) > 0 and len(tumour) > 0 and batch_size >= 2
+        self.matched = None
         if self.balanced:
             self.streams = [_EndlessPermutation(healthy, seed, stage, 0), _EndlessPermutation(tumour, seed, stage, 1)]
             self.counts = [batch_size // 2, batch_size - batch_size // 2]
+            if strata is not None:
+                self._match_strata(np.asarray(strata, dtype=np.int64), healthy, seed, stage)
         else:
             self.streams = [_EndlessPermutation(idx, seed, stage, 2)]
             self.counts = [batch_size]
 
+    def _match_strata(self, strata: np.ndarray, healthy: np.ndarray, seed: int, stage: int) -> None:
+        """Per-stratum healthy streams; ``self.matched[k]`` serves tumour stratum k."""
+        self.strata = strata
+        values = np.unique(strata)
+        own = {int(v): healthy[strata[healthy] == v] for v in values}
+        have = np.array([v for v in values if len(own[int(v)])])
+        self.matched = {}
+        for v in values:
+            nearest = int(have[np.argmin(np.abs(have - v))])
+            self.matched[int(v)] = _EndlessPermutation(own[nearest], seed, stage, 3 + nearest)
+        self._ranks: dict[int, np.ndarray] = {}
+        tumour_strata = strata[self.streams[1].rows]
+        self._per_epoch = {int(v): int((tumour_strata == v).sum()) for v in values}
+
+    def _stratum_draw(self, q: int) -> tuple[int, int]:
+        """(stratum k, draw number r within k) of the tumour chain's position ``q``."""
+        stream = self.streams[1]
+        n = len(stream.rows)
+        epoch, pos = divmod(q, n)
+        if epoch not in self._ranks:
+            if len(self._ranks) > 4:
+                self._ranks.clear()
+            perm_strata = self.strata[stream._perm(epoch)]
+            ranks = np.empty(n, dtype=np.int64)
+            for v in np.unique(perm_strata):
+                where = np.flatnonzero(perm_strata == v)
+                ranks[where] = np.arange(len(where))
+            self._ranks[epoch] = ranks
+        k = int(self.strata[stream._perm(epoch)[pos]])
+        return k, epoch * self._per_epoch[k] + int(self._ranks[epoch][pos])
+
     def batch(self, micro: int) -> list[int]:
         """Dataset indices of this process's micro-batch number ``micro``."""
         g = micro * self.world + self.rank
-        parts = [s.take(g * c, c) for s, c in zip(self.streams, self.counts)]
-        return np.concatenate(parts).tolist()
+        if self.matched is None:
+            parts = [s.take(g * c, c) for s, c in zip(self.streams, self.counts)]
+            return np.concatenate(parts).tolist()
+        # tumour half as usual; the healthy half mirrors its strata: the tumour draw at
+        # chain position q is the r-th draw of its stratum k, and is paired with draw r
+        # of stratum k's healthy stream (r = epoch · n_k + rank of q within the epoch)
+        n_t = self.counts[1]
+        healthy = []
+        for q in range(g * n_t, g * n_t + self.counts[0]):
+            k, r = self._stratum_draw(q)
+            healthy.append(int(self.matched[k].take(r, 1)[0]))
+        tumour = self.streams[1].take(g * n_t, n_t)
+        return healthy + tumour.tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         m = self.start_micro

@@ -77,6 +77,8 @@ class StageConfig:
     sample_count: int = 4  # held-out slices in a sample grid
     sample_steps: int = 10  # DDIM steps for sample grids
     balanced: bool = True  # healthy:tumour 1:1 in every micro-batch
+    match_position_bins: int = 0  # >0: pair each tumour slice with a healthy slice from the same
+    # of this many bins of axial position (so position alone cannot tell the halves apart)
 
 
 @dataclass

@@ -140,6 +140,7 @@ def train_stage(
     sample_images: torch.Tensor | None = None,
     progress: bool = True,
     stop_at_step: int | None = None,
+    strata: np.ndarray | None = None,
 ) -> StageResult:
     """Train ``stage`` of ``model`` for ``cfg.stage<N>.steps`` optimiser steps.
 
@@ -153,7 +154,8 @@ def train_stage(
     :class:`StageResult`. The model ends with the EMA weights in its denoiser when an
     EMA is kept. ``stop_at_step``: end the session after that step with an unfinished
     checkpoint, exactly as a run killed right after checkpointing there (``--resume``
-    continues it); the result then has ``interrupted=True``.
+    continues it); the result then has ``interrupted=True``. ``strata`` (N,): bins the
+    balanced batches pair tumour with healthy slices by (see ``StepBatchSampler``).
     """
     sc = cfg.stage(stage)
     run_dir = Path(run_dir)
@@ -195,6 +197,7 @@ def train_stage(
         rank=rank,
         world=world,
         balanced=sc.balanced,
+        strata=strata,
     )
     loader = DataLoader(
         dataset,
