@@ -71,6 +71,16 @@ def test_slice_labels_follow_the_seg(store16):
         assert idx.loc[r, "tumour_voxels"] == int((seg[:, :, z] > 0).sum())
 
 
+def test_axial_position_spans_each_subject(store16):
+    pos = store16.axial_position()
+    assert pos.shape == (len(store16),) and pos.min() == 0.0 and pos.max() == 1.0
+    for subject in store16.subjects:
+        rows = store16.subject_rows(subject)
+        order = np.argsort(store16.index["slice"].to_numpy()[rows])
+        p = pos[rows][order]
+        assert p[0] == 0.0 and p[-1] == 1.0 and (np.diff(p) > 0).all()
+
+
 def test_label_rule_thresholds():
     labels, frac = label_slices(
         np.array([0, 0, 5, 50, 50]), np.array([0, 0, 1, 30, 30]), np.array([100, 10, 100, 100, 20]),

@@ -46,7 +46,7 @@ TINY = {
     "stage1": {"steps": 3, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2, "ema_decay": 0.9,
                "checkpoint_every": 1, "log_every": 1, "sample_every": 2, "sample_count": 2, "sample_steps": 2},
     "stage2": {"steps": 3, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1,
-               "sample_count": 2, "sample_steps": 2},
+               "sample_count": 2, "sample_steps": 2, "match_position_bins": 2},
 }
 
 
