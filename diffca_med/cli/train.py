@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
             "all",
             "--stage",
             help="Which stage to train: 0 (autoencoder, latent models only), 1 (image-conditioned "
-            "diffusion autoencoder), 2 (common/salient split) or all.",
+            "diffusion autoencoder), 2 (common/salient split) or all. --stage 2 on a RUN with a "
+            "finished stage 1 trains a fresh split with the config's stage-2 settings.",
         ),
         resume: bool = typer.Option(
             False,
