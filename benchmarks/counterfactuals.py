@@ -47,10 +47,6 @@ def _psnr(sq_err_sum: float, n: int) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
-def twin_path(data: Path, source: Path) -> Path:
-    return data / "derivatives" / "phantom-truth" / Path(source).resolve().relative_to(data.resolve())
-
-
 def geometry_ok(src: Path, out: Path) -> dict:
     import SimpleITK as sitk
 
@@ -67,9 +63,12 @@ def geometry_ok(src: Path, out: Path) -> dict:
 
 
 def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Path | None = None) -> dict:
+    from diffca_med.data.phantom_writers import TRUTH_DIR
     from diffca_med.data.store import SliceStore
+    from diffca_med.pipelines.evaluate import twin_path
 
     data = demo / "data"
+    truth = data / TRUTH_DIR
     ph = ph or demo / "pseudo-healthy"
     summaries = [json.loads(p.read_text()) for p in sorted(ph.glob("*/summary.json"))]
     if not summaries:
@@ -98,7 +97,7 @@ def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Pa
 
             x = norm(inputs[m])
             p = norm(np.asanyarray(nib.load(str(out)).dataobj).astype(np.float32))
-            t = norm(np.asanyarray(nib.load(str(twin_path(data, src))).dataobj).astype(np.float32))
+            t = norm(np.asanyarray(nib.load(str(twin_path(store, src, truth))).dataobj).astype(np.float32))
             for key, img, region in (("ph_in", p, inside), ("id_in", x, inside), ("ph_out", p, outside), ("id_out", x, outside)):
                 err = float(((img[region] - t[region]) ** 2).sum())
                 for store_acc in (acc, sub):

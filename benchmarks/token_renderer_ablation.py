@@ -33,7 +33,7 @@ from diffca_med.analysis.metrics import masked_psnr
 from diffca_med.data import SliceStore
 from diffca_med.models import ModelConfig
 from diffca_med.models.conditioning import ConditioningEncoder
-from diffca_med.models.denoiser import TokenRenderer
+from diffca_med.models.denoiser import TokenRenderer, upsampling_decoder
 
 
 class FlatRenderer(nn.Module):
@@ -44,16 +44,7 @@ class FlatRenderer(nn.Module):
         c = config.unet_channels[-1]
         self.g, self.c = grid, c
         self.fc = nn.Linear(config.n_tokens * config.token_dim, c * grid * grid)
-        blocks: list[nn.Module] = []
-        side, widths, i = grid, list(reversed(config.unet_channels)), 0
-        while side < config.diffusion_size:
-            out = widths[min(i + 1, len(widths) - 1)]
-            blocks += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
-                       nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU()]
-            c, side, i = out, side * 2, i + 1
-        blocks.append(nn.Conv2d(c, config.diffusion_channels, 3, padding=1))
-        self.net = nn.Sequential(*blocks)
+        self.net = nn.Sequential(*upsampling_decoder(config, grid))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(self.fc(tokens.flatten(1)).view(-1, self.c, self.g, self.g))

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from diffca_med.baselines.base import Method, read_meta, register
@@ -39,6 +39,7 @@ from diffca_med.fileio import atomic_path
 from diffca_med.models.config import ModelConfig
 from diffca_med.models.denoiser import Denoiser
 from diffca_med.models.sampling import ddim_invert, ddim_sample
+from diffca_med.models.weights import load_weights
 
 WEIGHTS = "model.safetensors"
 HEALTHY, TUMOUR, NULL = 0, 1, 2
@@ -80,7 +81,7 @@ class CFGDiffusion(nn.Module):
 
         ``images`` (B, C, H, W) in [0, 1]; ``labels`` (B,) 0 healthy / 1 tumour.
         """
-        from diffca_med.models.diffca import DiffCAModel, denoising_losses
+        from diffca_med.models.diffca import denoising_losses, noised_batch
 
         x0 = images * 2.0 - 1.0
         gdev = generator.device if generator is not None else images.device
@@ -89,8 +90,8 @@ class CFGDiffusion(nn.Module):
         tokens = self.class_tokens[cls]
         prior = self.denoiser.render(tokens)
         # Same noising, targets and losses as Diff-CA's stage 1 (shared code, same schedule).
-        return denoising_losses(self.denoiser, DiffCAModel._noisy(self, x0, generator), x0, tokens, prior,
-                                self.config.render_loss_weight)
+        noised = noised_batch(x0, self.alphas_cumprod, self.config.prediction_type, generator)
+        return denoising_losses(self.denoiser, noised, x0, tokens, prior, self.config.render_loss_weight)
 
     @property
     def device(self) -> torch.device:
@@ -165,12 +166,7 @@ class CFGBaseline(Method):
         file = Path(path) / WEIGHTS
         config = ModelConfig.from_dict(meta.get("model", {}), source=str(Path(path) / "baseline.json"))
         model = CFGDiffusion(config, p_uncond=meta.get("p_uncond", 0.15))
-        try:
-            missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
-        except Exception as err:  # safetensors raises its own error types
-            raise InputError(f"{file}: cannot read weights ({err})") from None
-        if missing or unexpected:
-            raise InputError(f"{file}: weights do not match the config")
+        load_weights(model, file)
         return cls(model, meta.get("guidance", 3.0), meta.get("inversion_depth", 0.5))
 
 

@@ -176,7 +176,6 @@ class CrossQuery(nn.Module):
 
     def __init__(self, config: ModelConfig, n_patches: int):
         super().__init__()
-        self.heads = config.attention_heads
         self.queries = nn.Parameter(torch.randn(config.n_queries, config.token_dim) * 0.02)
         self.layers = nn.ModuleList(
             CrossQueryLayer(config.token_dim, config.attention_heads)

@@ -223,12 +223,10 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown model option(s): {', '.join(unknown)}")
-        defaults = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            setattr(defaults, f.name, default)
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(cls)}
         for key, value in data.items():
-            _check_type(source, key, value, getattr(defaults, key))
+            _check_type(source, key, value, defaults[key])
         try:
             return cls(**data)
         except ConfigError as err:

@@ -21,7 +21,31 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from diffca_med.models.conditioning import locality_bias
 from diffca_med.models.config import ModelConfig
+
+
+def upsampling_decoder(config: ModelConfig, side: int) -> list[nn.Module]:
+    """Layers from a (``unet_channels[-1]``, side, side) map to the diffusion image.
+
+    (nearest ×2 upsample, two 3×3 conv + GroupNorm + SiLU) blocks, widths following
+    ``unet_channels`` backwards, until the diffusion size; then a 3×3 conv to the
+    diffusion channels.
+    """
+    c = config.unet_channels[-1]
+    widths = list(reversed(config.unet_channels))
+    blocks: list[nn.Module] = []
+    i = 0
+    while side < config.diffusion_size:
+        out = widths[min(i + 1, len(widths) - 1)]
+        blocks += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
+            nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
+        ]
+        c, side, i = out, side * 2, i + 1
+    blocks.append(nn.Conv2d(c, config.diffusion_channels, 3, padding=1))
+    return blocks
 
 
 class TokenRenderer(nn.Module):
@@ -34,18 +58,16 @@ class TokenRenderer(nn.Module):
     K = g² it starts as token k → cell k). The intensity token scales and shifts
     every cell. (upsample + conv) blocks then bring the map to the diffusion size S.
 
-    Why a shared projection rather than one linear layer from all flattened tokens:
-    measured on the 30-subject CPU cohort (conditioner + renderer trained as a plain
-    autoencoder, 750 steps), the flattened layer memorised the 1 100 training slices
-    and plateaued at 17.6 dB brain PSNR on test subjects, while 64 tokens on an 8 × 8
-    grid reached 22.4 dB (train 23.2 dB). No input from the noisy image: this is what
-    Z alone says.
+    Why a shared projection rather than one linear layer from all flattened tokens
+    (``benchmarks/token_renderer_ablation.py``, conditioner + renderer trained as a
+    plain autoencoder for 750 steps on the 30-subject CPU cohort, brain PSNR test /
+    train): the flattened layer memorised the 1 108 training slices (17.5 / 21.4 dB),
+    while 64 tokens on an 8 × 8 grid reached 22.1 / 23.0 dB. No input from the noisy
+    image: this is what Z alone says.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from diffca_med.models.conditioning import locality_bias
-
         g, k = config.render_grid, config.n_queries
         c = config.unet_channels[-1]
         self.g, self.c = g, c
@@ -55,20 +77,8 @@ class TokenRenderer(nn.Module):
         nn.init.zeros_(self.film.bias)
         sigma = 0.5 * g / k ** 0.5  # half the anchor spacing, in cells
         self.mixing = nn.Parameter(locality_bias(k, g * g, sigma).t().contiguous())  # (g², K) logits
-        blocks: list[nn.Module] = [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(config.norm_groups, c), nn.SiLU()]
-        side = g
-        widths = list(reversed(config.unet_channels))
-        i = 0
-        while side < config.diffusion_size:
-            out = widths[min(i + 1, len(widths) - 1)]
-            blocks += [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
-                nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(config.norm_groups, out), nn.SiLU(),
-            ]
-            c, side, i = out, side * 2, i + 1
-        blocks.append(nn.Conv2d(c, config.diffusion_channels, 3, padding=1))
-        self.net = nn.Sequential(*blocks)
+        first = [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(config.norm_groups, c), nn.SiLU()]
+        self.net = nn.Sequential(*first, *upsampling_decoder(config, g))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         semantic, intensity = tokens[:, :-1], tokens[:, -1]

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from diffca_med.errors import InputError
@@ -44,6 +44,7 @@ from diffca_med.models.split import (
     split_losses,
     weighted_loss,
 )
+from diffca_med.models.weights import load_weights
 
 FORMAT = "diffca-med-model"
 FORMAT_VERSION = 2  # 2: grid token renderer (1: one linear layer from the flattened tokens)
@@ -71,13 +72,37 @@ def _randn(shape, generator: torch.Generator | None, device: torch.device) -> to
     return torch.randn(shape, generator=generator, device=gdev).to(device)
 
 
+def noised_batch(x0: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward diffusion of a training batch: ``(x_t, t, target)``.
+
+    ``x0`` (B, C, H, W) in the diffusion space; ``t`` (B,) long, uniform over the
+    ``len(alphas_cumprod)`` training timesteps; ``target`` is what a network of
+    ``prediction_type`` predicts (v, ε or x₀). Draws ``t`` then the noise from
+    ``generator`` (same generator state, same batch).
+    """
+    b = x0.shape[0]
+    gdev = generator.device if generator is not None else x0.device
+    t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=generator, device=gdev).to(x0.device)
+    noise = _randn(x0.shape, generator, x0.device)
+    a = alphas_cumprod[t].view(b, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        target = x0
+    return x_t, t, target
+
+
 def denoising_losses(denoiser: Denoiser, noised: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      x0: torch.Tensor, tokens: torch.Tensor, prior: torch.Tensor | None,
                      render_weight: float) -> dict[str, torch.Tensor]:
     """Stage-1 loss of a token-conditioned denoiser (Diff-CA and the CFG baseline).
 
     Args:
-        noised: ``(x_t, t, target)`` from :meth:`DiffCAModel._noisy`.
+        noised: ``(x_t, t, target)`` from :func:`noised_batch`.
         x0: clean image in diffusion space, (B, C, H, W).
         tokens: conditioning tokens (B, T, D); prior: the token render (B, C, H, W) or None.
         render_weight: weight of the render's own MSE to ``x0``.
@@ -209,23 +234,6 @@ class DiffCAModel(nn.Module):
         out["latent_scale"] = self.latent_scale.detach().clone()
         return out
 
-    def _noisy(self, x0: torch.Tensor, generator):
-        b = x0.shape[0]
-        T = self.config.num_train_timesteps
-        gdev = generator.device if generator is not None else x0.device
-        t = torch.randint(0, T, (b,), generator=generator, device=gdev).to(x0.device)
-        noise = _randn(x0.shape, generator, x0.device)
-        a = self.alphas_cumprod[t].view(b, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pt = self.config.prediction_type
-        if pt == "v_prediction":
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        elif pt == "epsilon":
-            target = noise
-        else:
-            target = x0
-        return x_t, t, target
-
     def _diffusion_target(self, x0: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """What the diffusion process generates: x₀, or the scaled residual from the render.
 
@@ -245,8 +253,9 @@ class DiffCAModel(nn.Module):
         x0 = self.to_diffusion(images)
         tokens = self.conditioner(images)
         prior = self.denoiser.render(tokens)
-        return denoising_losses(self.denoiser, self._noisy(self._diffusion_target(x0, prior), generator),
-                                x0, tokens, prior, self.config.render_loss_weight)
+        noised = noised_batch(self._diffusion_target(x0, prior), self.alphas_cumprod,
+                              self.config.prediction_type, generator)
+        return denoising_losses(self.denoiser, noised, x0, tokens, prior, self.config.render_loss_weight)
 
     def _stage2_loss(self, images, labels, generator):
         cfg = self.config
@@ -259,7 +268,8 @@ class DiffCAModel(nn.Module):
         if cfg.w_denoise > 0:
             zhat = split.common + split.salient
             prior = self.denoiser.render(zhat)
-            x_t, t, target = self._noisy(self._diffusion_target(self.to_diffusion(images), prior), generator)
+            x_t, t, target = noised_batch(self._diffusion_target(self.to_diffusion(images), prior),
+                                          self.alphas_cumprod, cfg.prediction_type, generator)
             pred = self.denoiser(x_t, t, zhat, prior)
             terms["denoise"] = F.mse_loss(pred, target)
         loss = weighted_loss(terms, cfg)
@@ -445,21 +455,7 @@ class DiffCAModel(nn.Module):
             vc = {k: v for k, v in meta["vae_config"].items() if not k.startswith("_")}
             vae = AutoencoderKL.from_config(vc)
         model = cls(config, _vit=vit, _vae=vae)
-        try:
-            state = load_file(str(w_file), device=str(map_location))
-        except Exception as err:  # safetensors raises its own error types
-            raise InputError(f"{w_file}: cannot read weights ({err})") from None
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            first = str(err).strip().splitlines()[-1].strip()
-            raise InputError(f"{w_file}: weights do not match the config ({first})") from None
-        if missing or unexpected:
-            raise InputError(
-                f"{w_file}: weights do not match the config "
-                f"(missing {len(missing)}, unexpected {len(unexpected)}; e.g. "
-                f"{(list(missing) + list(unexpected))[0]})"
-            )
+        load_weights(model, w_file, device=map_location)
         model.to(map_location)
         # inference-ready: eval mode, nothing requires grad (set_stage() re-enables)
         model.eval()

@@ -301,25 +301,13 @@ def load_model_state(info: CheckpointInfo, model: torch.nn.Module, stages=None) 
     ``stages``: skip the parts (``model.stage_modules``) of every other stage, which
     keep their fresh initialisation; None loads everything.
     """
-    path = info.path / "model.safetensors"
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types
-        raise InputError(f"{path}: cannot read weights ({err})") from None
+    from diffca_med.models.weights import load_weights
+
+    skip: set[str] = set()
     if stages is not None:
-        later = [m for s in (0, 1, 2) if s not in stages for m in model.stage_modules(s)]
-        skip = {n for n, m in model.named_children() if any(m is x for x in later)}
-        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in skip}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise InputError(f"{info.path}: weights do not fit the configured model ({first})") from None
-    if stages is not None:  # the later stages' parts keep their fresh initialisation
-        missing = [k for k in missing if k.split(".", 1)[0] not in skip]
-    if missing or unexpected:
-        some = ", ".join(list(missing)[:3] + list(unexpected)[:3])
-        raise InputError(f"{info.path}: weights do not fit the configured model (e.g. {some})")
+        others = [m for s in (0, 1, 2) if s not in stages for m in model.stage_modules(s)]
+        skip = {n for n, m in model.named_children() if any(m is x for x in others)}
+    load_weights(model, info.path / "model.safetensors", skip=skip)
 
 
 def load_training_state(
