@@ -9,8 +9,11 @@ test split), against the phantom's true healthy twin
 (``DEMO_OUT/data/derivatives/phantom-truth/...``), in the original NIfTI grid, on the
 written ``*_pseudohealthy.nii.gz`` files:
 
-* intensities of input, pseudo-healthy and twin are mapped to [0, 1] with the input's
-  normalisation percentiles (the store's ``lo``/``hi`` for that modality) and clipped;
+* intensities of input, pseudo-healthy and twin are mapped to [0, 1] between the
+  input volume's 0.5th and 99.5th percentiles inside the brain, and clipped. This
+  window is fixed by the benchmark, not taken from the store, so the figures keep one
+  meaning whatever normalisation ``prepare`` used (stores before Nov 2026 used exactly
+  this window; the current median-anchored one would make every error ~2× smaller);
 * **inside** = the labelled tumour (seg > 0) dilated by ``--dilation`` voxels (3-D);
   **outside** = brain voxels (input > 0 in any modality) not inside;
 * PSNR (dB, data range 1) of pseudo-healthy vs twin inside and outside, and of the
@@ -90,7 +93,7 @@ def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Pa
             src = Path(s["source_files"][m])
             out = ph / subject / s["outputs"][m]
             geometry.append({"file": out.name, **geometry_ok(src, out)})
-            lo, hi = store.geometry[subject]["intensity"][m]
+            lo, hi = np.percentile(inputs[m][brain], (0.5, 99.5))
 
             def norm(v):
                 return np.clip((v - lo) / (hi - lo), 0.0, 1.0)

@@ -6,7 +6,9 @@
 Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
 
 * stage 1 — reconstruction of a slice from its own tokens, PSNR (dB, data range 1) and
-  SSIM (Gaussian window 11) inside the brain mask, per slice averaged over channels,
+  SSIM (Gaussian window 11) inside the brain mask, in a fixed evaluation window: each
+  subject's 0.5th–99.5th percentile inside the brain of its source volume maps to
+  [0, 1] (clipped), whatever normalisation the store used (``evaluation_scale``), per slice averaged over channels,
   then averaged over slices; from fresh noise (DDIM ``--steps``, η = 0) and from the
   DDIM-inverted input; and from *another slice's* tokens (a slice of a different
   subject, fresh noise with the same seed) scored against the original slice — the
@@ -43,6 +45,32 @@ def _metrics(pred: np.ndarray, ref: np.ndarray, brain: np.ndarray) -> tuple[np.n
         psnr.append(masked_psnr(p, r, mask))
         ssim.append(masked_ssim(p, r, mask))
     return np.asarray(psnr), np.asarray(ssim)
+
+
+def evaluation_scale(store, subjects: np.ndarray) -> np.ndarray:
+    """(N, C) factors taking store intensities to the fixed evaluation window.
+
+    Store value x means ``lo + x·(hi − lo)`` in source units (``geometry.json``); the
+    window maps the source volume's brain percentiles 0.5 → 0 and 99.5 → 1. With
+    ``lo`` the same 0.5th percentile, the map is the factor (hi − lo) / (p99.5 − p0.5).
+    """
+    import nibabel as nib
+
+    factors: dict[str, list[float]] = {}
+    mods = store.modalities
+    for subject in np.unique(subjects):
+        files = store.source_files(str(subject))
+        vols = []
+        for m in mods:
+            data = np.asanyarray(nib.load(str(files[m].path)).dataobj)
+            vols.append(np.asarray(data[..., files[m].channel] if files[m].channel is not None else data, np.float32))
+        brain = np.any([v > 0 for v in vols], axis=0)
+        factors[subject] = []
+        for m, v in zip(mods, vols):
+            lo, hi = store.geometry[str(subject)]["intensity"][m]
+            p_lo, p_hi = np.percentile(v[brain], (0.5, 99.5))
+            factors[subject].append((hi - lo) / (p_hi - p_lo))
+    return np.asarray([factors[s] for s in subjects], dtype=np.float32)
 
 
 def _other_subject_permutation(subjects: np.ndarray) -> np.ndarray:
@@ -92,7 +120,12 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
         pick = np.sort(rng.choice(len(rows), size=min(n_slices, len(rows)), replace=False))
         x = x_all[pick]
         brain = np.asarray(store.brain[rows[pick]])
-        ref = x.numpy()
+        scale = evaluation_scale(store, subjects_all[pick])[:, :, None, None]  # (N, C, 1, 1)
+
+        def window(v: np.ndarray) -> np.ndarray:
+            return np.clip(v * scale, 0.0, 1.0)
+
+        ref = window(x.numpy())
         t0 = time.perf_counter()
         fresh = _batched(lambda b: model.reconstruct(b, noise="fresh", steps=steps, seed=seed), x, batch)
         dt = time.perf_counter() - t0
@@ -104,12 +137,12 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
                                for i in range(0, len(x), batch)])
         res = {}
         for name, pred in (("fresh", fresh), ("inverted", inverted), ("other_tokens", other)):
-            p, s = _metrics(pred.numpy(), ref, brain)
+            p, s = _metrics(window(pred.numpy()), ref, brain)
             res[name] = {"psnr_db": float(np.nanmean(p)), "ssim": float(np.nanmean(s))}
         lab = labels_all[pick]
         for name, mask in (("healthy", lab == 0), ("tumour", lab == 1)):
             if mask.any():
-                p, s = _metrics(fresh.numpy()[mask], ref[mask], brain[mask])
+                p, s = _metrics(window(fresh.numpy())[mask], ref[mask], brain[mask])
                 res[f"fresh_{name}"] = {"psnr_db": float(np.nanmean(p)), "ssim": float(np.nanmean(s))}
         res["token_gap_db"] = res["fresh"]["psnr_db"] - res["other_tokens"]["psnr_db"]
         res["n_slices"] = int(len(pick))

@@ -13,6 +13,7 @@ from diffca_med.models.sampling import ddim_invert, ddim_sample, ddim_timesteps
 from diffca_med.models.split import (
     Adversary,
     GRLController,
+    InpaintSplitEncoder,
     SplitEncoder,
     split_losses,
     weighted_loss,
@@ -121,6 +122,77 @@ def test_locality_bias_anchors_tile_the_patch_grid():
     rows, cols = nearest // 8, nearest % 8
     assert set(rows.tolist()) == set(cols.tolist()) and len(set(rows.tolist())) == 4
     assert torch.equal(locality_bias(5, 10, 1.0), torch.zeros(5, 10))  # not a square grid
+
+
+def test_query_window_makes_tokens_local():
+    """query_window 0 without query self-attention and a channel-norm backbone: token k
+    = patch k, so changing one corner of the image leaves the tokens of the opposite
+    corner unchanged."""
+    from diffca_med.models.conditioning import ConditioningEncoder, window_mask
+
+    mask = window_mask(16, 16, 0)
+    assert torch.equal((mask == 0).sum(dim=1), torch.ones(16, dtype=torch.long))
+    assert (window_mask(16, 16, 1) == 0).sum() == 100  # 3 x 3 windows clipped at the border
+    torch.manual_seed(0)
+    cfg = tiny(image_size=32, n_queries=16, query_window=0, query_self_attention=False, backbone_norm="channel")
+    enc = ConditioningEncoder(cfg).eval()
+    x = images(2, s=32)
+    y = x.clone()
+    y[:, :, :6, :6] = 1.0  # top-left corner
+    with torch.no_grad():
+        a, b = enc(x)[:, :16], enc(y)[:, :16]
+    changed = (a - b).abs().amax(dim=(0, 2)).view(4, 4) > 1e-5
+    assert changed[0, 0] and not changed[3, 3] and not changed[2:, 2:].any()
+    with torch.no_grad():  # with self-attention between queries, every token sees the change
+        enc = ConditioningEncoder(tiny(image_size=32, n_queries=16, query_window=0, backbone_norm="channel")).eval()
+        assert ((enc(x) - enc(y))[:, :16].abs().amax(dim=(0, 2)) > 1e-5).all()
+
+
+def test_inpaint_split_toy_gates_only_the_lesion_tokens():
+    """Tokens on a 4 x 4 grid: background = noise; targets add a fixed pattern to one
+    random grid token. The in-painting split must gate that token, leave background
+    images untouched (salient ≈ 0) and keep Ẑ_C + Ẑ_S = Z exactly."""
+    torch.manual_seed(0)
+    cfg = tiny(n_queries=16, split_mode="inpaint", gate_dilation=0, grl_warmup_steps=20, w_mmd=0.0)
+    T, D = cfg.n_tokens, cfg.token_dim
+    lesion = torch.randn(D) * 3.0
+
+    def batch(n=32):
+        labels = torch.arange(n) % 2
+        z = torch.randn(n, T, D)
+        where = torch.randint(0, 16, (n,))
+        z[torch.arange(n), where] += labels.view(-1, 1) * lesion
+        return z, labels, where
+
+    split, adv, grl = InpaintSplitEncoder(cfg), Adversary(cfg), GRLController(cfg)
+    opt = torch.optim.Adam(list(split.parameters()) + list(adv.parameters()), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        z, y, _ = batch()
+        terms, _, logs = split_losses(split, adv, grl, z, y, cfg, generator=g)
+        assert {"detect", "inpaint", "salient_rec", "adv"} <= set(terms) and "gate_tg" in logs
+        opt.zero_grad()
+        weighted_loss(terms, cfg).backward()
+        opt.step()
+    z, y, where = batch(256)
+    with torch.no_grad():
+        out = split(z)
+    assert torch.allclose(out.common + out.salient, z, atol=1e-6)
+    assert out.gate.shape == (256, T) and torch.all(out.gate[:, -1] == 0)  # never the intensity token
+    tg = torch.nonzero(y == 1).squeeze(1)
+    bg = out.salient[y == 0].pow(2).mean()
+    assert bg < 0.05 * out.salient[tg].pow(2).mean(), float(bg)
+    on_lesion = out.gate[tg, where[tg]].mean()
+    elsewhere = (out.gate[tg, :16].sum(1) - out.gate[tg, where[tg]]).mean() / 15
+    assert on_lesion > 0.8 and elsewhere < 0.1, (float(on_lesion), float(elsewhere))
+
+
+def test_paired_pseudo_healthy_keeps_the_input_where_the_split_changes_nothing():
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny()).eval()  # untrained additive split: Ẑ_C = Ẑ
+    x = images()
+    assert torch.allclose(model.pseudo_healthy(x, steps=2, paired=True), x)
+    assert not torch.allclose(model.pseudo_healthy(x, steps=2), x)
 
 
 def test_stage_losses_and_freezing():

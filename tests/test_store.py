@@ -160,6 +160,10 @@ def test_geometry_round_trip(tmp_path, affine):
         assert vol.shape == (*SHAPE, 4)
         for c, m in enumerate(st.modalities):
             lo, hi = st.geometry[sub]["intensity"][m]
+            # lesion-robust scale: the 0.5th percentile maps to 0, the brain median to 0.3
+            inside = images[m][brain]
+            assert lo == pytest.approx(np.percentile(inside, 0.5), rel=1e-5)
+            assert lo + 0.3 * (hi - lo) == pytest.approx(np.median(inside), rel=1e-5)
             err = np.abs(vol[..., c] - np.clip(images[m], lo, hi))[brain].mean() / (hi - lo)
             assert err < tol, (size, m, err)
         if size == square:  # no resampling: the background comes back exactly 0

@@ -98,6 +98,7 @@ class GenerationOptions:
     steps: int | None = None  # None -> the model's default (config.sample_steps)
     seed: int = 0
     batch_size: int = 32
+    paired: bool = False  # pseudo_healthy only: input + G(Ẑ_C) − G(Ẑ) from the same noise
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_CHOICES:
@@ -218,6 +219,8 @@ def generate(model, images: np.ndarray, options: GenerationOptions, kind: str = 
     kwargs = {"noise": options.noise, "inversion_depth": options.inversion_depth, "seed": 0}
     if options.steps is not None:
         kwargs["steps"] = options.steps
+    if kind == "pseudo_healthy" and options.paired:
+        kwargs["paired"] = True
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     device = param.device if param is not None else "cpu"
     with torch.no_grad():

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Turn a folder of brain MRI volumes into a validated, subject-split store of 2-D axial slices.
 
-        Per subject: load, reorient to RAS, crop to the brain (nonzero in any modality), normalise each modality to [0, 1] between its 0.5th and 99.5th percentile inside the brain, pad to a square and resize to --size. Every axial slice of the brain's bounding box is stored and labelled healthy / tumour / excluded; subjects are split train/val/test, stratified by tumour presence.
+        Per subject: load, reorient to RAS, crop to the brain (nonzero in any modality), normalise each modality inside the brain, its 0.5th percentile to 0 and its median to 0.3 (a lesion cannot move the median much, unlike a top percentile), clipped to [0, 1], pad to a square and resize to --size. Every axial slice of the brain's bounding box is stored and labelled healthy / tumour / excluded; subjects are split train/val/test, stratified by tumour presence.
 
         Re-running with the same inputs and options reuses the existing store; --force rebuilds it.
         """

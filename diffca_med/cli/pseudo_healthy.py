@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         subjects: Optional[List[str]] = typer.Option(None, "--subjects", help="Subject ids to process (comma-separated or repeated). Default: all subjects (see --split)."),
         split: Optional[str] = typer.Option(None, "--split", help="Only subjects of this split (train, val or test)."),
         noise: str = typer.Option("fresh", "--noise", help="Starting noise: 'fresh' (seeded Gaussian) or 'inverted' (deterministic DDIM inversion of the input)."),
+        paired: bool = typer.Option(False, "--paired/--unpaired", help="--paired: apply to the input only the change the split makes, input + G(common) - G(common + salient) from the same noise (twice the sampling time; the error both generations share cancels). --unpaired: the generated G(common) itself."),
         inversion_depth: float = typer.Option(1.0, "--inversion-depth", help="Fraction of the diffusion trajectory inverted/re-generated, in (0, 1]; smaller keeps more of the input."),
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM sampling (and inversion) steps. Default: the model's configured sample_steps."),
         seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and batch size give identical outputs."),
@@ -47,7 +48,8 @@ def register(app: typer.Typer) -> None:
         """
         from diffca_med.analysis.counterfactuals import AnomalyOptions, GenerationOptions, run_pseudo_healthy
 
-        gen = GenerationOptions(noise=noise, inversion_depth=inversion_depth, steps=steps, seed=seed, batch_size=batch_size)
+        gen = GenerationOptions(noise=noise, inversion_depth=inversion_depth, steps=steps, seed=seed,
+                                batch_size=batch_size, paired=paired)
         ano = AnomalyOptions(combine=combine, threshold=threshold, threshold_value=threshold_value,
                              dilation=dilation, compose=compose, previews=previews)
         summaries = run_pseudo_healthy(model, data, out, subjects=parse_subjects(subjects), split=split,

@@ -6,7 +6,7 @@ One subject goes through::
                            channels in requested order, brain = nonzero in any modality,
                            crop all to the brain's bounding box   image (C, x, y, z), brain/seg (1, x, y, z)
     Orientationd RAS       (on the box only: cheap flips)         (., r, a, s)
-    BrainPercentiles       per-modality 0.5/99.5 % inside the brain (source resolution)
+    BrainPercentiles       per-modality 0.5 % and median inside the brain (source resolution)
     TumourVoxelsPerSliced  tumour voxels per axial slice (source resolution)
     SquareResized          pad in-plane to a square s x s, resize to size x size
                                                                   image (C, size, size, z)
@@ -37,8 +37,15 @@ from monai.transforms import Compose, MapTransform, Orientationd
 from diffca_med.data.validate import DECODE_ERRORS, _reason, check_labels, decode_image, display_path
 from diffca_med.errors import InputError
 
-#: Default intensity percentiles (inside the brain) mapped to 0 and 1.
-DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: Default intensity percentiles (inside the brain): the lower one maps to 0, the upper
+#: one to ``DEFAULT_UPPER_VALUE``. The median, not a top percentile, anchors the scale
+#: because lesions move the top of the histogram: on the synthetic cohort, between a
+#: tumour subject and its own healthy twin the FLAIR 99.5th percentile differs by 12.9 %
+#: on average (up to 22 %), the median by 1.0 % (up to 3.4 %) — a top-percentile scale
+#: makes all healthy tissue of tumour subjects darker, a label shortcut for any model.
+DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 50.0)
+#: Where the upper percentile lands; 0.3 keeps CSF in T2 (p99.5 ≈ 0.9) below the clip at 1.
+DEFAULT_UPPER_VALUE: float = 0.3
 
 
 class CheckedNiftiReader(NibabelReader):
@@ -201,8 +208,10 @@ class LoadBrainCropd(MapTransform):
 class BrainPercentiles(MapTransform):
     """Per-modality intensity percentiles inside the brain, at the source resolution.
 
-    For each channel c: ``lo, hi = percentile(image[c][brain], (lower, upper))``, written
-    to ``stats_key`` as a (C, 2) list in the image's intensity units. MONAI's
+    For each channel c: ``lo, p = percentile(image[c][brain], (lower, upper))`` and
+    ``hi = lo + (p − lo) / upper_value``, so that lo maps to 0, p to ``upper_value`` and
+    hi to 1; ``(lo, hi)`` is written to ``stats_key`` as a (C, 2) list in the image's
+    intensity units. MONAI's
     ScaleIntensityRangePercentilesd takes percentiles over the whole volume (mostly
     background), which is why this transform exists; :class:`NormaliseInBraind` applies
     them. Brains larger than ``max_samples`` voxels use an evenly strided subsample (a
@@ -216,9 +225,11 @@ class BrainPercentiles(MapTransform):
         percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         stats_key: str = "intensity",
         max_samples: int = 200_000,
+        upper_value: float = DEFAULT_UPPER_VALUE,
     ):
         super().__init__(keys)
         self.mask_key, self.percentiles, self.stats_key = mask_key, percentiles, stats_key
+        self.upper_value = float(upper_value)
         self.max_samples = int(max_samples)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -230,9 +241,11 @@ class BrainPercentiles(MapTransform):
         for key in self.key_iterator(d):
             x = _zyx(torch.as_tensor(d[key]))
             flat = x.reshape(x.shape[0], -1).numpy()
-            d[self.stats_key] = [
-                [float(v) for v in np.percentile(flat[c, inside], self.percentiles)] for c in range(x.shape[0])
-            ]
+            stats = []
+            for c in range(x.shape[0]):
+                lo, p = (float(v) for v in np.percentile(flat[c, inside], self.percentiles))
+                stats.append([lo, lo + (p - lo) / self.upper_value])
+            d[self.stats_key] = stats
         return d
 
 
@@ -401,6 +414,7 @@ def build_chain(
     image_reader: CheckedNiftiReader,
     seg_reader: CheckedNiftiReader | None,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    upper_value: float = DEFAULT_UPPER_VALUE,
 ) -> Compose:
     """The per-subject MONAI chain (see the module docstring).
 
@@ -413,7 +427,7 @@ def build_chain(
     chain = [
         LoadBrainCropd(image_reader, seg_reader),
         Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        BrainPercentiles(keys="image", mask_key="brain", percentiles=percentiles),
+        BrainPercentiles(keys="image", mask_key="brain", percentiles=percentiles, upper_value=upper_value),
         TumourVoxelsPerSliced(seg_key="seg", ref_key="image"),
         SquareResized(
             keys=spatial, size=size, modes=["image", "fraction"] + (["nearest"] if has_seg else [])

@@ -21,26 +21,47 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map.
+
+    Unlike GroupNorm it uses no statistics over space, so a feature depends only on its
+    receptive field (a bright lesion in one corner cannot shift every feature).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ScratchBackbone(nn.Module):
     """Small CNN: (B, C, H, W) in [0, 1] → patch tokens (B, (H/2^s)·(W/2^s), D).
 
     Each stage halves the resolution; a learned positional embedding tells the
     cross-query module where each patch lies (the queries can then pick regions).
+    Normalisation layers are GroupNorm, or :class:`ChannelNorm` with
+    ``backbone_norm: channel`` (spatially local features).
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         chans = list(config.scratch_channels)
         g = config.norm_groups
+
+        def norm(c: int) -> nn.Module:
+            return ChannelNorm(c) if config.backbone_norm == "channel" else nn.GroupNorm(g, c)
+
         layers: list[nn.Module] = [nn.Conv2d(config.in_channels, chans[0], 3, padding=1)]
         prev = chans[0]
         for c in chans:
             layers += [
-                nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, c, 3, stride=2, padding=1),
-                nn.GroupNorm(g, c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
+                norm(prev), nn.SiLU(), nn.Conv2d(prev, c, 3, stride=2, padding=1),
+                norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1),
             ]
             prev = c
-        layers += [nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.token_dim, 1)]
+        layers += [norm(prev), nn.SiLU(), nn.Conv2d(prev, config.token_dim, 1)]
         self.net = nn.Sequential(*layers)
         side = config.image_size // 2 ** len(chans)
         self.pos = nn.Parameter(torch.randn(side * side, config.token_dim) * 0.02)
@@ -124,21 +145,59 @@ class DinoV3Backbone(nn.Module):
 class CrossQueryLayer(nn.Module):
     """Queries ← cross-attention to patch tokens, then self-attention, then an MLP."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, self_attention: bool = True):
         super().__init__()
         self.nq, self.nkv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ns = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ns = self.self_attn = None
+        if self_attention:
+            self.ns = nn.LayerNorm(dim)
+            self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.nm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         kvn = self.nkv(kv)
         q = q + self.cross(self.nq(q), kvn, kvn, attn_mask=bias, need_weights=False)[0]
-        s = self.ns(q)
-        q = q + self.self_attn(s, s, s, need_weights=False)[0]
+        if self.self_attn is not None:
+            s = self.ns(q)
+            q = q + self.self_attn(s, s, s, need_weights=False)[0]
         return q + self.mlp(self.nm(q))
+
+
+def _anchor_distances(n_queries: int, side: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Query anchors vs patch centres on a (side × side) patch grid.
+
+    Returns the Euclidean (K, P) and Chebyshev (K, P) distances in patch units and the
+    anchor spacing. Anchors lie on the most square grid of K points spread over the grid.
+    """
+    rows = int(n_queries ** 0.5)
+    while n_queries % rows:
+        rows -= 1
+    cols = n_queries // rows
+    ay = (torch.arange(rows).float() + 0.5) * side / rows - 0.5
+    ax = (torch.arange(cols).float() + 0.5) * side / cols - 0.5
+    anchors = torch.stack(torch.meshgrid(ay, ax, indexing="ij"), dim=-1).reshape(-1, 2)
+    py, px = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
+    patches = torch.stack([py, px], dim=-1).reshape(-1, 2)
+    chebyshev = (anchors[:, None] - patches[None]).abs().amax(dim=-1)
+    return torch.cdist(anchors, patches), chebyshev, max(side / rows, side / cols)
+
+
+def window_mask(n_queries: int, n_patches: int, window: int) -> torch.Tensor | None:
+    """Hard cross-attention mask (K, P): 0 where query k may look, −inf elsewhere.
+
+    Query k sees the patches within Chebyshev distance ``window`` + half the anchor
+    spacing of its anchor, so ``window`` 0 with K = P is "token k = patch k" and each
+    token describes only its own region (what the stage-2 in-painting split needs).
+    None for a non-square patch grid.
+    """
+    side = int(round(n_patches ** 0.5))
+    if side * side != n_patches:
+        return None
+    _, chebyshev, spacing = _anchor_distances(n_queries, side)
+    visible = chebyshev <= window + 0.5 * spacing + 1e-6
+    return torch.zeros(n_queries, n_patches).masked_fill(~visible, float("-inf"))
 
 
 def locality_bias(n_queries: int, n_patches: int, sigma: float) -> torch.Tensor:
@@ -153,17 +212,8 @@ def locality_bias(n_queries: int, n_patches: int, sigma: float) -> torch.Tensor:
     side = int(round(n_patches ** 0.5))
     if side * side != n_patches:
         return torch.zeros(n_queries, n_patches)
-    rows = int(n_queries ** 0.5)
-    while n_queries % rows:
-        rows -= 1
-    cols = n_queries // rows
-    ay = (torch.arange(rows).float() + 0.5) * side / rows - 0.5
-    ax = (torch.arange(cols).float() + 0.5) * side / cols - 0.5
-    anchors = torch.stack(torch.meshgrid(ay, ax, indexing="ij"), dim=-1).reshape(-1, 2)
-    py, px = torch.meshgrid(torch.arange(side).float(), torch.arange(side).float(), indexing="ij")
-    patches = torch.stack([py, px], dim=-1).reshape(-1, 2)
-    d2 = torch.cdist(anchors, patches).pow(2)
-    return -d2 / (2.0 * sigma**2)
+    euclid, _, _ = _anchor_distances(n_queries, side)
+    return -euclid.pow(2) / (2.0 * sigma**2)
 
 
 class CrossQuery(nn.Module):
@@ -171,24 +221,32 @@ class CrossQuery(nn.Module):
 
     With ``query_locality`` > 0 the cross-attention logits get a learnable additive
     bias (K, P) initialised by :func:`locality_bias` (built at the first call, when P
-    is known, so any backbone's patch grid works; saved with the weights).
+    is known, so any backbone's patch grid works; saved with the weights). With
+    ``query_window`` >= 0 a fixed :func:`window_mask` is added as well, and with
+    ``query_self_attention`` off the queries never exchange information: token k then
+    depends only on the patches around its anchor.
     """
 
     def __init__(self, config: ModelConfig, n_patches: int):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(config.n_queries, config.token_dim) * 0.02)
         self.layers = nn.ModuleList(
-            CrossQueryLayer(config.token_dim, config.attention_heads)
+            CrossQueryLayer(config.token_dim, config.attention_heads, config.query_self_attention)
             for _ in range(config.cross_query_layers)
         )
         self.bias = None
         if config.query_locality > 0:
             self.bias = nn.Parameter(locality_bias(config.n_queries, n_patches, config.query_locality))
+        mask = window_mask(config.n_queries, n_patches, config.query_window) if config.query_window >= 0 else None
+        self.register_buffer("window", mask, persistent=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         q = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        bias = self.bias
+        if self.window is not None:
+            bias = self.window if bias is None else bias + self.window
         for layer in self.layers:
-            q = layer(q, patches, self.bias)
+            q = layer(q, patches, bias)
         return q
 
 
@@ -277,6 +335,6 @@ def dinov3_from_config_dict(data: dict) -> nn.Module:
 
 
 __all__ = [
-    "ConditioningEncoder", "CrossQuery", "locality_bias", "IntensityToken", "ScratchBackbone", "DinoV3Backbone",
+    "ConditioningEncoder", "CrossQuery", "locality_bias", "window_mask", "IntensityToken", "ScratchBackbone", "DinoV3Backbone",
     "channel_map", "load_dinov3", "backbone_config_dict", "dinov3_from_config_dict",
 ]

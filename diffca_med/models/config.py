@@ -19,7 +19,7 @@ CANONICAL_MODALITIES = ("t1", "t1c", "t2", "flair")
 #: Fields that shape only stage 2 (the split, adversary and their losses): a new stage-2
 #: run on top of a trained stage 1 takes these from the YAML, the rest from stage 1.
 STAGE2_FIELDS = (
-    "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
+    "split_mode", "gate_dilation", "gate_threshold", "w_detect", "w_inpaint", "w_salient_rec", "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
     "grl_max", "grl_gain", "grl_target", "grl_ema", "grl_warmup_steps", "w_token_rec", "w_bg_salient",
     "w_adv", "w_denoise", "w_mmd", "w_salient_cls",
 )
@@ -58,6 +58,9 @@ class ModelConfig:
     """Side in pixels the image is resized to before DINOv3 (multiple of its patch)."""
     scratch_channels: list[int] = field(default_factory=lambda: [32, 64])
     """Widths of the scratch CNN stages; each stage halves the resolution."""
+    backbone_norm: str = "group"
+    """Scratch CNN normalisation: ``group`` (GroupNorm, statistics over the whole image)
+    or ``channel`` (per-pixel LayerNorm: features see only their receptive field)."""
     token_dim: int = 64
     """Width D of every conditioning token."""
     n_queries: int = 64
@@ -65,6 +68,10 @@ class ModelConfig:
     cross_query_layers: int = 2
     query_locality: float = 1.0
     """σ (patch units) of the initial locality bias of each query's cross-attention; 0: none."""
+    query_window: int = -1
+    """Hard cross-attention window (patches around each query's anchor); −1: global."""
+    query_self_attention: bool = True
+    """Self-attention between the queries (off: token k depends only on its window)."""
     attention_heads: int = 4
     intensity_bins: int = 16
     """Soft-histogram bins per modality for the intensity token."""
@@ -99,6 +106,21 @@ class ModelConfig:
     """Weight of the direct MSE between the render decoder's output and the target."""
 
     # --- stage 2: common/salient split ---------------------------------------------
+    split_mode: str = "additive"
+    """``additive``: Ẑ_C = Z + Δ(Z), Ẑ_S decoded from the salient embedding;
+    ``inpaint``: a per-token detector gates tokens and a healthy-token in-painter fills
+    them, Ẑ_C = (1−g)·Z + g·fill, Ẑ_S = Z − Ẑ_C (needs spatial tokens: ``n_queries`` a
+    square, ideally ``query_window`` 0 without query self-attention)."""
+    gate_dilation: int = 1
+    """``inpaint``: the gate is max-pooled over (2·gate_dilation+1)² tokens (tumour borders)."""
+    gate_threshold: float = 0.0
+    """``inpaint``: at inference, token gates below this are set to 0 (before dilation)."""
+    w_detect: float = 1.0
+    """``inpaint``: multiple-instance loss of the token detector from image labels."""
+    w_inpaint: float = 1.0
+    """``inpaint``: masked-token reconstruction of the in-painter on healthy images."""
+    w_salient_rec: float = 1.0
+    """``inpaint``: reconstruction of the salient summary from the salient embedding."""
     salient_dim: int = 16
     """Dimension d of the salient embedding (from the CLS token)."""
     split_depth: int = 2
@@ -197,12 +219,22 @@ class ModelConfig:
         for c in list(self.unet_channels) + list(self.scratch_channels):
             if c % self.norm_groups:
                 bad("norm_groups", f"must divide every channel width (got {c})")
+        if self.backbone_norm not in ("group", "channel"):
+            bad("backbone_norm", f"must be 'group' or 'channel', got {self.backbone_norm!r}")
+        if self.split_mode not in ("additive", "inpaint"):
+            bad("split_mode", f"must be 'additive' or 'inpaint', got {self.split_mode!r}")
+        if self.split_mode == "inpaint" and int(self.n_queries ** 0.5) ** 2 != self.n_queries:
+            bad("n_queries", "must be a square number (a token grid) for split_mode 'inpaint'")
+        if self.gate_dilation < 0:
+            bad("gate_dilation", "must be >= 0")
         if self.adversary_pooling not in ("mean", "flat"):
             bad("adversary_pooling", "must be 'mean' or 'flat'")
         if self.residual_diffusion and not self.render_prior:
             bad("residual_diffusion", "needs render_prior: true")
         if self.residual_scale <= 0:
             bad("residual_scale", "must be > 0")
+        if self.query_window < -1:
+            bad("query_window", "must be -1 (global) or >= 0")
         if self.query_locality < 0:
             bad("query_locality", "must be >= 0")
         if not 0.0 <= self.grl_ema < 1.0:

@@ -40,6 +40,7 @@ from diffca_med.models.sampling import ddim_invert, ddim_sample, noise_to
 from diffca_med.models.split import (
     Adversary,
     GRLController,
+    InpaintSplitEncoder,
     SplitEncoder,
     split_losses,
     weighted_loss,
@@ -139,7 +140,7 @@ class DiffCAModel(nn.Module):
                 self.vae = build_autoencoder(config)
         self.conditioner = ConditioningEncoder(config, vit=_vit)
         self.denoiser = Denoiser(config)
-        self.split = SplitEncoder(config)
+        self.split = InpaintSplitEncoder(config) if config.split_mode == "inpaint" else SplitEncoder(config)
         self.adversary = Adversary(config)
         self.grl = GRLController(config)
         self.salient_head = nn.Linear(config.salient_dim, 1)
@@ -264,6 +265,7 @@ class DiffCAModel(nn.Module):
         terms, split, logs = split_losses(
             self.split, self.adversary, self.grl, tokens, labels, cfg,
             salient_head=self.salient_head, update_controller=self.split.training,
+            generator=generator,
         )
         if cfg.w_denoise > 0:
             zhat = split.common + split.salient
@@ -380,10 +382,20 @@ class DiffCAModel(nn.Module):
 
     @torch.no_grad()
     def pseudo_healthy(self, x: torch.Tensor, noise: str = "fresh", inversion_depth: float = 1.0,
-                       steps: int | None = None, seed: int = 0) -> torch.Tensor:
-        """G(Ẑ_C): the image with its salient part set to the background value 0."""
+                       steps: int | None = None, seed: int = 0, paired: bool = False) -> torch.Tensor:
+        """G(Ẑ_C): the image with its salient part set to the background value 0.
+
+        ``paired``: return ``clip(x + G(Ẑ_C) − G(Ẑ), 0, 1)`` instead, both generated
+        from the same starting noise: only the change the split makes is applied to the
+        input, and the reconstruction error both generations share cancels (the image
+        away from the salient region stays the input).
+        """
         enc = self.encode(x)
-        return self._edit(x, enc.combined, enc.common, noise, inversion_depth, steps, seed)
+        ph = self._edit(x, enc.combined, enc.common, noise, inversion_depth, steps, seed)
+        if not paired:
+            return ph
+        rec = self._edit(x, enc.combined, enc.combined, noise, inversion_depth, steps, seed)
+        return (x + ph - rec).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def swap(self, a: torch.Tensor, b: torch.Tensor, noise: str = "fresh",

@@ -1,6 +1,8 @@
 """Stage 2: the common/salient split of the tokens, the adversary and its GRL weight.
 
-``SplitEncoder`` E maps tokens Z (B, T, D) to ``(Ẑ_C, Ẑ_S)`` with Ẑ = Ẑ_C + Ẑ_S:
+Two split encoders map tokens Z (B, T, D) to ``(Ẑ_C, Ẑ_S)`` with Ẑ = Ẑ_C + Ẑ_S
+(``ModelConfig.split_mode``); :class:`InpaintSplitEncoder` is described there.
+``SplitEncoder`` (``additive``):
 
 * a transformer over ``[CLS ; Z]``;
 * the salient embedding s = Linear(h_CLS) (B, d), the low-dimensional summary;
@@ -28,11 +30,15 @@ from diffca_med.models.config import ModelConfig
 
 @dataclass
 class SplitOutput:
-    """common (B, T, D), salient (B, T, D), salient_embedding (B, d)."""
+    """common (B, T, D), salient (B, T, D), salient_embedding (B, d); for the
+    in-painting split also the token gate (B, T) in [0, 1] and the detector's
+    per-token logits (B, K)."""
 
     common: torch.Tensor
     salient: torch.Tensor
     salient_embedding: torch.Tensor
+    gate: torch.Tensor | None = None
+    gate_logits: torch.Tensor | None = None
 
 
 class SplitEncoder(nn.Module):
@@ -72,6 +78,121 @@ class SplitEncoder(nn.Module):
         s = self.to_embedding(h[:, 0])
         common = tokens + self.common_delta(h[:, 1:])
         return SplitOutput(common=common, salient=self.salient_from_embedding(s), salient_embedding=s)
+
+
+def _transformer(config: ModelConfig, depth: int) -> nn.TransformerEncoder:
+    d = config.token_dim
+    layer = nn.TransformerEncoderLayer(
+        d, config.attention_heads, dim_feedforward=2 * d, dropout=0.0,
+        activation="gelu", batch_first=True, norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
+class InpaintSplitEncoder(nn.Module):
+    """E for ``split_mode: inpaint``: the salient part is what a healthy prior cannot
+    explain, token by token.
+
+    The K semantic tokens form a (√K × √K) grid (token k describes image patch k when
+    the conditioner uses ``query_window`` 0), the last token is the intensity token.
+
+    * detector: per-token logits (B, K) from a shared MLP of [LayerNorm(z_k); p_k]
+      (p_k a learnt position); trained from image labels only (multiple instance);
+    * gate g (B, T) = sigmoid(logits), max-pooled over (2·``gate_dilation``+1)² grid
+      neighbours to cover lesion borders; 0 on the intensity token;
+    * in-painter: a transformer over tokens whose gated entries are replaced by a learnt
+      mask token; trained on healthy images only (random square blocks masked), so what
+      it fills in is healthy tissue that fits the surroundings;
+    * Ẑ_C = (1−g)·Z + g·fill, Ẑ_S = Z − Ẑ_C = g·(Z − fill): exactly additive;
+    * salient embedding s (B, d): a CLS token attending to the salient tokens *without*
+      positions (s describes what the lesion is more than where it is), projected to d.
+
+    An untrained encoder gates ≈ half of every token towards an untrained fill, so
+    this mode needs stage 2 before use (stage-1-only models use ``additive``).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, k, t = config.token_dim, config.n_queries, config.n_tokens
+        self.side, self.dilation = int(round(k ** 0.5)), config.gate_dilation
+        self.threshold = config.gate_threshold
+        self.detector_pos = nn.Parameter(torch.randn(k, d) * 0.02)
+        self.detector = nn.Sequential(nn.Linear(2 * d, config.adversary_hidden), nn.SiLU(),
+                                      nn.Linear(config.adversary_hidden, 1))
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        self.painter_pos = nn.Parameter(torch.randn(1, t, d) * 0.02)
+        self.painter = _transformer(config, config.split_depth)
+        self.painter_out = nn.Linear(d, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.summariser = _transformer(config, 1)
+        self.norm = nn.LayerNorm(d)
+        self.to_embedding = nn.Linear(d, config.salient_dim)
+        self.summary_decoder = nn.Linear(config.salient_dim, d + 1)
+
+    def gate_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token lesion logits (B, K) of the K semantic tokens."""
+        k = self.detector_pos.shape[0]
+        z = F.layer_norm(tokens[:, :k], tokens.shape[-1:])
+        pos = self.detector_pos.expand(z.shape[0], -1, -1)
+        return self.detector(torch.cat([z, pos], dim=-1)).squeeze(-1)
+
+    def gate_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits → gate (B, T) in [0, 1], dilated on the grid, 0 for intensity."""
+        g = torch.sigmoid(logits)
+        if not self.training and self.threshold > 0:  # soft while training, sparse in use
+            g = g * (g >= self.threshold)
+        if self.dilation > 0:
+            g = cross_dilate(g.view(-1, self.side, self.side), self.dilation).flatten(1)
+        return torch.cat([g, g.new_zeros(g.shape[0], 1)], dim=1)
+
+    def inpaint(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Healthy tokens (B, T, D) filling the masked entries of ``tokens`` (mask (B, T) in [0, 1])."""
+        h = (1 - mask[..., None]) * tokens + mask[..., None] * self.mask_token
+        return self.painter_out(self.painter(h + self.painter_pos))
+
+    def embed(self, salient: torch.Tensor) -> torch.Tensor:
+        """Salient embedding (B, d) from salient tokens (B, T, D)."""
+        h = torch.cat([self.cls.expand(salient.shape[0], -1, -1), salient], dim=1)
+        return self.to_embedding(self.norm(self.summariser(h)[:, 0]))
+
+    def forward(self, tokens: torch.Tensor) -> SplitOutput:
+        logits = self.gate_logits(tokens)
+        gate = self.gate_from_logits(logits)
+        # the fill is a healthy prior: the other stage-2 losses reach the gate, not the painter
+        fill = self.inpaint(tokens, gate.detach()).detach()
+        salient = gate[..., None] * (tokens - fill)
+        return SplitOutput(common=tokens - salient, salient=salient,
+                           salient_embedding=self.embed(salient), gate=gate, gate_logits=logits)
+
+    def salient_summary(self, salient: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """What s must encode (B, D+1): the gate-weighted mean salient token and the
+        gated area log(1 + Σg) in tokens."""
+        mass = gate.sum(dim=1, keepdim=True)
+        mean = salient.sum(dim=1) / mass.clamp_min(1.0)
+        return torch.cat([mean, torch.log1p(mass)], dim=1)
+
+
+def cross_dilate(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Grey dilation of maps (B, H, W) by the 4-neighbour cross, ``steps`` times."""
+    for _ in range(steps):
+        p = F.pad(g, (1, 1, 1, 1))
+        g = torch.stack([g, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amax(dim=0)
+    return g
+
+
+def random_blocks(n: int, side: int, n_tokens: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """Masks (n, n_tokens) of one random square block of 1–4 grid tokens per row."""
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    blocks = torch.zeros(n, side, side)
+    sizes = torch.randint(1, min(4, side) + 1, (n,), generator=generator, device=gdev).cpu()
+    corner = torch.rand(n, 2, generator=generator, device=gdev).cpu()
+    for i in range(n):
+        k = int(sizes[i])
+        r, c = (corner[i] * (side - k + 1)).long().tolist()
+        blocks[i, r:r + k, c:c + k] = 1
+    mask = torch.cat([blocks.flatten(1), torch.zeros(n, n_tokens - side * side)], dim=1)
+    return mask.to(device)
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -186,19 +307,24 @@ def weighted_loss(terms: dict[str, torch.Tensor], config: ModelConfig) -> torch.
     """Σ w_k · term_k with the stage-2 weights of ``config`` (terms absent count 0)."""
     weights = {"token_rec": config.w_token_rec, "bg_salient": config.w_bg_salient,
                "adv": config.w_adv, "denoise": config.w_denoise, "mmd": config.w_mmd,
-               "salient_cls": config.w_salient_cls}
+               "salient_cls": config.w_salient_cls, "detect": config.w_detect,
+               "inpaint": config.w_inpaint, "salient_rec": config.w_salient_rec}
     return sum(weights[k] * v for k, v in terms.items())
 
 
-def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLController,
-                 tokens: torch.Tensor, labels: torch.Tensor, config: ModelConfig,
-                 salient_head: nn.Module | None = None, update_controller: bool = True):
+def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary,
+                 controller: GRLController, tokens: torch.Tensor, labels: torch.Tensor,
+                 config: ModelConfig, salient_head: nn.Module | None = None,
+                 update_controller: bool = True, generator: torch.Generator | None = None):
     """Token-level stage-2 losses (no denoiser term).
 
     ``tokens`` Z (B, T, D) from the frozen stage 1; ``labels`` (B,) 0 background /
     1 target. Returns (terms dict of scalar tensors with grad, SplitOutput, logs dict of
     floats). The adversary's own loss and the reversed gradient to E both come from
-    the single ``adv`` term through :func:`grad_reverse`.
+    the single ``adv`` term through :func:`grad_reverse`. The in-painting split adds
+    ``detect`` (image logit = log-mean-exp of the token logits vs the label),
+    ``inpaint`` (masked-token MSE on healthy images, random blocks from ``generator``)
+    and ``salient_rec`` (the salient summary decoded back from s).
     """
     out = split(tokens)
     bg = labels == 0
@@ -221,8 +347,22 @@ def split_losses(split: SplitEncoder, adversary: Adversary, controller: GRLContr
         terms["salient_cls"] = F.binary_cross_entropy_with_logits(
             salient_head(out.salient_embedding).squeeze(1), labels.float()
         )
+    if isinstance(split, InpaintSplitEncoder):
+        k = out.gate_logits.shape[1]
+        image_logit = torch.logsumexp(out.gate_logits, dim=1) - math.log(k)
+        terms["detect"] = F.binary_cross_entropy_with_logits(image_logit, labels.float())
+        if bg.any():
+            zh = tokens[bg]
+            mask = random_blocks(zh.shape[0], split.side, zh.shape[1], generator, zh.device)
+            err = (split.inpaint(zh, mask) - zh).pow(2).mean(-1)
+            terms["inpaint"] = (err * mask).sum() / mask.sum()
+        summary = split.salient_summary(out.salient, out.gate).detach()
+        terms["salient_rec"] = F.mse_loss(split.summary_decoder(out.salient_embedding), summary)
     if update_controller:
         controller.update(float(acc))
     logs = {"adv_acc": float(acc), "grl_weight": float(controller.weight),
             "adv_acc_ema": float(controller.acc_ema)}
+    if out.gate is not None:
+        logs["gate_tg"] = float(out.gate[tg].detach().mean()) if tg.any() else 0.0
+        logs["gate_bg"] = float(out.gate[bg].detach().mean()) if bg.any() else 0.0
     return terms, out, logs

@@ -40,6 +40,7 @@ from diffca_med.data.store_writer import (
 )
 from diffca_med.data.transforms import (
     DEFAULT_PERCENTILES,
+    DEFAULT_UPPER_VALUE,
     CheckedNiftiReader,
     build_chain,
     ras_orientation,
@@ -63,6 +64,7 @@ class PrepareOptions:
     test_fraction: float = 0.15
     seed: int = 0
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    upper_value: float = DEFAULT_UPPER_VALUE
     skip_incomplete: bool = False
     zero_nonfinite: bool = False
 
@@ -76,6 +78,8 @@ class PrepareOptions:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"percentiles {self.percentiles}: need 0 <= lower < upper <= 100")
+        if not 0 < self.upper_value <= 1:
+            raise ConfigError(f"upper_value {self.upper_value}: must be in (0, 1]")
 
 
 @dataclass
@@ -131,6 +135,7 @@ def process_subject(subject: SubjectFiles, key: str, parts: str, cfg: dict) -> d
         image_reader=image_reader,
         seg_reader=seg_reader,
         percentiles=tuple(cfg["percentiles"]),
+        upper_value=float(cfg["upper_value"]),
     )
     data: dict = {
         "files": [str(p) for p in paths],
@@ -311,6 +316,7 @@ def prepare(
         "root": str(data),
         "size": int(opts.size),
         "percentiles": list(opts.percentiles),
+        "upper_value": float(opts.upper_value),
         "zero_nonfinite": bool(opts.zero_nonfinite),
     }
     with atomic_path(out) as tmp:
@@ -345,6 +351,7 @@ def prepare(
                 "min_tumour_pixels": min_tumour_pixels(opts.size, opts.min_tumour_fraction),
             },
             "percentiles": list(opts.percentiles),
+            "upper_value": float(opts.upper_value),
             "split": {"seed": opts.seed, "val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction},
             "slice_orientation": "rows anterior->posterior, columns left->right: slice[h, w] = ras[w, H-1-h]",
             "skipped_subjects": skipped,

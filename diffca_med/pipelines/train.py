@@ -110,6 +110,7 @@ def prepare_options(cfg: TrainConfig):
         test_fraction=d.test_fraction,
         seed=d.split_seed,
         percentiles=tuple(d.percentiles),
+        upper_value=d.upper_value,
         skip_incomplete=d.skip_incomplete,
         zero_nonfinite=d.zero_nonfinite,
     )

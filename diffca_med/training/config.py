@@ -51,7 +51,8 @@ class DataConfig:
     val_fraction: float = 0.15  # fraction of subjects
     test_fraction: float = 0.15  # fraction of subjects
     split_seed: int = 0  # seed of the subject split
-    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])  # intensity normalisation
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 50.0])  # intensity normalisation:
+    upper_value: float = 0.3  # the lower percentile maps to 0, the upper one to upper_value
     skip_incomplete: bool = False  # skip subjects missing a modality instead of failing
     zero_nonfinite: bool = False  # replace NaN/Inf voxels by 0 instead of failing
 
@@ -279,6 +280,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"{src}: 'data.size' must be between 8 and 1024, got {d.size}")
     if len(d.percentiles) != 2 or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100:
         raise ConfigError(f"{src}: 'data.percentiles' must be [lower, upper] with 0 <= lower < upper <= 100")
+    if not 0 < d.upper_value <= 1:
+        raise ConfigError(f"{src}: 'data.upper_value' must be in (0, 1], got {d.upper_value}")
     if not d.modalities:
         raise ConfigError(f"{src}: 'data.modalities' must name at least one modality")
     if not 0.0 <= d.val_fraction + d.test_fraction < 1.0 or min(d.val_fraction, d.test_fraction) < 0:
