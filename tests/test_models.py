@@ -371,3 +371,19 @@ def test_inverted_noise_reconstructs_closer_than_fresh():
     fresh = (model.reconstruct(x, noise="fresh", steps=10) - x).pow(2).mean()
     inv = (model.reconstruct(x, noise="inverted", steps=10) - x).pow(2).mean()
     assert inv < fresh, (float(inv), float(fresh))
+
+
+def test_model_config_records_the_store_normalisation():
+    """A model knows the normalisation it was trained on; configs saved before the field
+    existed mean the old 0.5/99.5 window, and a store normalised otherwise is refused."""
+    from types import SimpleNamespace
+
+    from diffca_med.analysis.counterfactuals import check_store_fits
+
+    legacy = ModelConfig.from_dict(dict(TINY))
+    assert legacy.intensity_percentiles == [0.5, 99.5] and legacy.intensity_upper_value == 1.0
+    current = ModelConfig.from_dict({**TINY, "intensity_percentiles": [0.5, 50.0], "intensity_upper_value": 0.3})
+    store = SimpleNamespace(size=16, normalisation=((0.5, 50.0), 0.3), path="STORE")
+    check_store_fits(store, SimpleNamespace(config=current))
+    with pytest.raises(InputError, match="STORE: intensities map brain percentiles 0.5/50 to 0/0.3"):
+        check_store_fits(store, SimpleNamespace(config=legacy))

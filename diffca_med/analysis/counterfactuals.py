@@ -146,12 +146,13 @@ def is_store(path: str | Path) -> bool:
     return (Path(path) / "store.json").is_file()
 
 
-def open_data(data: str | Path, work: str | Path, modalities: Sequence[str], size: int, progress: bool = True):
+def open_data(data: str | Path, work: str | Path, config, progress: bool = True):
     """A :class:`~diffca_med.data.store.SliceStore` for ``data``.
 
     ``data`` is either a prepared store (opened as is) or a raw BraTS/MSD/BIDS folder,
     prepared on the fly into ``work`` (reused when already prepared with the same
-    options) at the model's size and modalities.
+    options) at the size, modalities and intensity normalisation of the model's
+    ``config`` (:class:`~diffca_med.models.ModelConfig`).
     """
     from diffca_med.data.store import SliceStore
 
@@ -164,7 +165,10 @@ def open_data(data: str | Path, work: str | Path, modalities: Sequence[str], siz
         raise InputError(f"{data}: neither a slice store nor a data folder")
     from diffca_med.pipelines.prepare import PrepareOptions, prepare
 
-    result = prepare(data, Path(work), PrepareOptions(modalities=tuple(modalities), size=int(size)), progress=progress)
+    options = PrepareOptions(modalities=tuple(config.modalities), size=int(config.image_size),
+                             percentiles=tuple(config.intensity_percentiles),
+                             upper_value=float(config.intensity_upper_value))
+    result = prepare(data, Path(work), options, progress=progress)
     return SliceStore(result.store)
 
 
@@ -179,10 +183,18 @@ def channel_indices(store, model_modalities: Sequence[str]) -> list[int]:
     return [store.modalities.index(m) for m in model_modalities]
 
 
-def check_size(store, model) -> None:
+def check_store_fits(store, model) -> None:
+    """InputError unless the store's slice size and normalisation are the model's."""
     size = int(model.config.image_size)
     if store.size != size:
         raise InputError(f"{store.path}: slices are {store.size}×{store.size} but the model expects {size}×{size}")
+    wanted = (tuple(float(v) for v in model.config.intensity_percentiles), float(model.config.intensity_upper_value))
+    if store.normalisation != wanted:
+        (lo, hi), value = store.normalisation
+        raise InputError(
+            f"{store.path}: intensities map brain percentiles {lo:g}/{hi:g} to 0/{value:g} but the model was "
+            f"trained on {wanted[0][0]:g}/{wanted[0][1]:g} to 0/{wanted[1]:g}; give the raw data folder instead"
+        )
 
 
 def select_subjects(store, subjects: Sequence[str] | None = None, split: str | None = None) -> list[str]:
@@ -564,8 +576,8 @@ def open_model_and_data(model_path: str | Path, data: str | Path, work: str | Pa
             raise InputError(f"{model_path}: no such model folder")
         model = DiffCAModel.from_pretrained(model_path)
     model.eval()
-    store = open_data(data, work, model.config.modalities, model.config.image_size, progress)
-    check_size(store, model)
+    store = open_data(data, work, model.config, progress)
+    check_store_fits(store, model)
     return model, store, channel_indices(store, model.config.modalities)
 
 

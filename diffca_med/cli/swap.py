@@ -47,17 +47,11 @@ def resolve_slice(store, spec: str) -> tuple[int, str]:
 
 
 def _setup(model_path: Path, data: Path, out: Path):
-    from diffca_med.analysis.counterfactuals import channel_indices, check_size, open_data
-    from diffca_med.models import DiffCAModel
+    from diffca_med.analysis.counterfactuals import open_model_and_data
 
     if out.suffix.lower() != ".png":
         raise ConfigError(f"{out}: OUT must be a .png file")
-    if not model_path.is_dir():
-        raise InputError(f"{model_path}: no such model folder")
-    model = DiffCAModel.from_pretrained(model_path).eval()
-    store = open_data(data, out.parent / f"{out.stem}-store", model.config.modalities, model.config.image_size)
-    check_size(store, model)
-    return model, store, channel_indices(store, model.config.modalities)
+    return open_model_and_data(model_path, data, out.parent / f"{out.stem}-store")
 
 
 def _image(store, row: int, channels: list[int]):

@@ -141,6 +141,12 @@ class SliceStore:
         self.modalities: tuple[str, ...] = tuple(self.meta["modalities"])
         self.size: int = int(self.meta["size"])
         self.layout: str = self.meta.get("layout", "")
+        #: (lower, upper) brain percentiles and the value the upper one maps to; stores
+        #: without ``upper_value`` mapped the upper percentile to 1
+        self.normalisation: tuple[tuple[float, float], float] = (
+            tuple(float(v) for v in self.meta.get("percentiles", (0.5, 99.5))),
+            float(self.meta.get("upper_value", 1.0)),
+        )
         if len(self.index) != self.images.shape[0]:
             raise InputError(f"{self.path}: index.csv has {len(self.index)} rows but images.npy {self.images.shape[0]}")
 

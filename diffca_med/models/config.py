@@ -37,6 +37,11 @@ class ModelConfig:
     """Input channels, in the slice store's order (canonical names)."""
     image_size: int = 32
     """Input height = width in pixels."""
+    intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 50.0])
+    intensity_upper_value: float = 0.3
+    """The store normalisation the model was trained on (``data.percentiles`` and
+    ``data.upper_value``); raw data given to the model is prepared the same way. A
+    saved config without them predates the median anchor: [0.5, 99.5] and 1.0."""
 
     # --- space: pixel, or the latent of an AutoencoderKL (stage 0) -------------------
     space: str = "pixel"
@@ -112,7 +117,8 @@ class ModelConfig:
     them, Ẑ_C = (1−g)·Z + g·fill, Ẑ_S = Z − Ẑ_C (needs spatial tokens: ``n_queries`` a
     square, ideally ``query_window`` 0 without query self-attention)."""
     gate_dilation: int = 1
-    """``inpaint``: the gate is max-pooled over (2·gate_dilation+1)² tokens (tumour borders)."""
+    """``inpaint``: the gate is grey-dilated this many times by the 4-neighbour cross
+    (lesion borders; the cross costs less healthy tissue than a 3 × 3 square)."""
     gate_threshold: float = 0.0
     """``inpaint``: at inference, token gates below this are set to 0 (before dilation)."""
     w_detect: float = 1.0
@@ -128,7 +134,8 @@ class ModelConfig:
     adversary_hidden: int = 64
     adversary_pooling: str = "mean"
     """What the adversary and the MMD term see of Ẑ_C: ``mean`` over tokens (B, D) or
-    ``flat`` (B, T·D)."""
+    ``flat`` (B, T·D). With ``flat``, keep ``w_mmd`` 0: its Mahalanobis term inverts a
+    (T·D)² covariance every step (1.5 s/step on the CPU preset instead of 0.07 s)."""
     grl_init: float = 0.1
     grl_min: float = 0.0
     grl_max: float = 1.0
@@ -257,6 +264,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: unknown model option(s): {', '.join(unknown)}")
         defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     for f in dataclasses.fields(cls)}
+        if "intensity_percentiles" not in data:  # written before the field: the old window
+            data = {**data, "intensity_percentiles": [0.5, 99.5], "intensity_upper_value": 1.0}
         for key, value in data.items():
             _check_type(source, key, value, defaults[key])
         try:

@@ -41,6 +41,15 @@ class SplitOutput:
     gate_logits: torch.Tensor | None = None
 
 
+def _transformer(config: ModelConfig, depth: int) -> nn.TransformerEncoder:
+    d = config.token_dim
+    layer = nn.TransformerEncoderLayer(
+        d, config.attention_heads, dim_feedforward=2 * d, dropout=0.0,
+        activation="gelu", batch_first=True, norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
 class SplitEncoder(nn.Module):
     """E: tokens (B, T, D) → common (B, T, D), salient (B, T, D), embedding (B, d)."""
 
@@ -49,11 +58,7 @@ class SplitEncoder(nn.Module):
         d, t = config.token_dim, config.n_tokens
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, t + 1, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            d, config.attention_heads, dim_feedforward=2 * d, dropout=0.0,
-            activation="gelu", batch_first=True, norm_first=True,
-        )
-        self.transformer = nn.TransformerEncoder(layer, config.split_depth, enable_nested_tensor=False)
+        self.transformer = _transformer(config, config.split_depth)
         self.norm = nn.LayerNorm(d)
         self.to_embedding = nn.Linear(d, config.salient_dim)
         self.token_keys = nn.Parameter(torch.randn(t, 16) * 0.5)
@@ -80,15 +85,6 @@ class SplitEncoder(nn.Module):
         return SplitOutput(common=common, salient=self.salient_from_embedding(s), salient_embedding=s)
 
 
-def _transformer(config: ModelConfig, depth: int) -> nn.TransformerEncoder:
-    d = config.token_dim
-    layer = nn.TransformerEncoderLayer(
-        d, config.attention_heads, dim_feedforward=2 * d, dropout=0.0,
-        activation="gelu", batch_first=True, norm_first=True,
-    )
-    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-
-
 class InpaintSplitEncoder(nn.Module):
     """E for ``split_mode: inpaint``: the salient part is what a healthy prior cannot
     explain, token by token.
@@ -98,8 +94,9 @@ class InpaintSplitEncoder(nn.Module):
 
     * detector: per-token logits (B, K) from a shared MLP of [LayerNorm(z_k); p_k]
       (p_k a learnt position); trained from image labels only (multiple instance);
-    * gate g (B, T) = sigmoid(logits), max-pooled over (2·``gate_dilation``+1)² grid
-      neighbours to cover lesion borders; 0 on the intensity token;
+    * gate g (B, T) = sigmoid(logits) (at inference zeroed below ``gate_threshold``),
+      grey-dilated ``gate_dilation`` times by the 4-neighbour cross to cover lesion
+      borders; 0 on the intensity token;
     * in-painter: a transformer over tokens whose gated entries are replaced by a learnt
       mask token; trained on healthy images only (random square blocks masked), so what
       it fills in is healthy tissue that fits the surroundings;

@@ -136,6 +136,14 @@ def resolve_store(
                 f"{data}: the store holds modalities {list(store.modalities)} but the config asks for "
                 f"{list(cfg.data.modalities)}; set data.modalities (e.g. --set data.modalities=[{','.join(store.modalities)}])"
             )
+        wanted = (tuple(float(v) for v in cfg.data.percentiles), float(cfg.data.upper_value))
+        if store.normalisation != wanted:
+            (p_lo, p_hi), value = store.normalisation
+            raise ConfigError(
+                f"{data}: the store maps brain percentiles {p_lo:g}/{p_hi:g} to 0/{value:g} but the config asks for "
+                f"{wanted[0][0]:g}/{wanted[0][1]:g} to 0/{wanted[1]:g}; set data.percentiles and data.upper_value "
+                f"(--set data.percentiles=[{p_lo:g},{p_hi:g}] --set data.upper_value={value:g}) or prepare the data again"
+            )
         if store.size != cfg.data.size:
             raise ConfigError(
                 f"{data}: the store's slices are {store.size} px but the config asks for {cfg.data.size}; "

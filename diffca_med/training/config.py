@@ -295,7 +295,8 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def _build_model_config(data: Any, source: str, data_cfg: DataConfig) -> Any:
-    """The model config, with ``modalities``/``image_size`` taken from ``data``."""
+    """The model config, with ``modalities``/``image_size`` and the intensity
+    normalisation taken from ``data``."""
     cls = _model_config_class()
     if data is None:
         data = {}
@@ -309,6 +310,8 @@ def _build_model_config(data: Any, source: str, data_cfg: DataConfig) -> Any:
                 f"{source}: 'model.{key}' ({data[key]!r}) disagrees with '{twin}' ({value!r}); set it once, in '{twin}'"
             )
         data[key] = value
+    data["intensity_percentiles"] = [float(v) for v in data_cfg.percentiles]
+    data["intensity_upper_value"] = float(data_cfg.upper_value)
     if dataclasses.is_dataclass(cls):
         return _build_dataclass(cls, data, "model", source)
     try:  # a non-dataclass config object validates its own keys
