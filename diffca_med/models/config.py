@@ -1,7 +1,9 @@
 """``ModelConfig``: every architecture choice of a Diff-CA model in one flat dataclass.
 
-The defaults are the CPU preset (32×32 pixel space, a scratch CNN backbone, a 1.1 M
-parameter U-Net); GPU presets override fields from a YAML ``model:`` section. The
+The defaults are the CPU preset's sizes (32×32 pixel space, a scratch CNN backbone, a
+1.1 M parameter U-Net), with the original global tokens and additive split, which is
+what a model folder without those fields means; ``configs/*.yaml`` switch on local
+tokens and the in-painting split and override sizes in their ``model:`` section. The
 dataclass is saved as ``config.json`` beside the weights, so a model folder always
 rebuilds the same network.
 """
