@@ -188,12 +188,13 @@ def check_store_fits(store, model) -> None:
     size = int(model.config.image_size)
     if store.size != size:
         raise InputError(f"{store.path}: slices are {store.size}×{store.size} but the model expects {size}×{size}")
-    wanted = (tuple(float(v) for v in model.config.intensity_percentiles), float(model.config.intensity_upper_value))
+    from diffca_med.data.store import describe_normalisation, normalisation_key
+
+    wanted = normalisation_key(model.config.intensity_percentiles, model.config.intensity_upper_value)
     if store.normalisation != wanted:
-        (lo, hi), value = store.normalisation
         raise InputError(
-            f"{store.path}: intensities map brain percentiles {lo:g}/{hi:g} to 0/{value:g} but the model was "
-            f"trained on {wanted[0][0]:g}/{wanted[0][1]:g} to 0/{wanted[1]:g}; give the raw data folder instead"
+            f"{store.path}: intensities map brain percentiles {describe_normalisation(store.normalisation)} but the model was "
+            f"trained on {describe_normalisation(wanted)}; give the raw data folder instead"
         )
 
 

@@ -105,6 +105,17 @@ def slices_to_volume(geometry: dict, slices: np.ndarray, order: int = 1) -> np.n
     return vol[..., 0] if squeeze else vol
 
 
+def normalisation_key(percentiles, upper_value) -> tuple[tuple[float, ...], float]:
+    """((lower, upper) brain percentiles, value the upper one maps to), comparable with ==."""
+    return tuple(float(v) for v in percentiles), float(upper_value)
+
+
+def describe_normalisation(key: tuple[tuple[float, ...], float]) -> str:
+    """``"0.5/50 to 0/0.3"``: which brain percentiles map to which values."""
+    (lo, hi), value = key
+    return f"{lo:g}/{hi:g} to 0/{value:g}"
+
+
 class SliceStore:
     """Read-only view of a slice store folder; arrays are memory-mapped.
 
@@ -143,10 +154,8 @@ class SliceStore:
         self.layout: str = self.meta.get("layout", "")
         #: (lower, upper) brain percentiles and the value the upper one maps to; stores
         #: without ``upper_value`` mapped the upper percentile to 1
-        self.normalisation: tuple[tuple[float, float], float] = (
-            tuple(float(v) for v in self.meta.get("percentiles", (0.5, 99.5))),
-            float(self.meta.get("upper_value", 1.0)),
-        )
+        self.normalisation = normalisation_key(self.meta.get("percentiles", (0.5, 99.5)),
+                                               self.meta.get("upper_value", 1.0))
         if len(self.index) != self.images.shape[0]:
             raise InputError(f"{self.path}: index.csv has {len(self.index)} rows but images.npy {self.images.shape[0]}")
 

@@ -128,7 +128,7 @@ def resolve_store(
 ) -> Path:
     """DATA if it is a slice store (checked against ``cfg.data``), else ``RUN/store`` prepared from it."""
     if (data / "store.json").is_file():
-        from diffca_med.data.store import SliceStore
+        from diffca_med.data.store import SliceStore, describe_normalisation, normalisation_key
 
         store = SliceStore(data)
         if list(store.modalities) != list(cfg.data.modalities):
@@ -136,13 +136,14 @@ def resolve_store(
                 f"{data}: the store holds modalities {list(store.modalities)} but the config asks for "
                 f"{list(cfg.data.modalities)}; set data.modalities (e.g. --set data.modalities=[{','.join(store.modalities)}])"
             )
-        wanted = (tuple(float(v) for v in cfg.data.percentiles), float(cfg.data.upper_value))
+        wanted = normalisation_key(cfg.data.percentiles, cfg.data.upper_value)
         if store.normalisation != wanted:
             (p_lo, p_hi), value = store.normalisation
             raise ConfigError(
-                f"{data}: the store maps brain percentiles {p_lo:g}/{p_hi:g} to 0/{value:g} but the config asks for "
-                f"{wanted[0][0]:g}/{wanted[0][1]:g} to 0/{wanted[1]:g}; set data.percentiles and data.upper_value "
-                f"(--set data.percentiles=[{p_lo:g},{p_hi:g}] --set data.upper_value={value:g}) or prepare the data again"
+                f"{data}: the store maps brain percentiles {describe_normalisation(store.normalisation)} but the config asks for "
+                f"{describe_normalisation(wanted)}; set data.percentiles and "
+                f"data.upper_value (--set data.percentiles=[{p_lo:g},{p_hi:g}] --set data.upper_value={value:g}) "
+                f"or prepare the data again"
             )
         if store.size != cfg.data.size:
             raise ConfigError(
