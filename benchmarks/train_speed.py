@@ -10,6 +10,7 @@ run (float32 on CPU; bf16 on GPU when the config trains in bf16).
 
     .venv/bin/python benchmarks/train_speed.py --config cpu-demo [--store STORE] [--json OUT]
 
+On a GPU each row also gives the peak allocated GPU memory of the timed steps (MiB).
 Prints one row per stage and the load average (other processes on the machine lower
 every figure; compare runs on an idle machine).
 """
@@ -91,6 +92,9 @@ def bench_stage(model, stage: int, cfg, data, device, autocast_dtype, warmup: in
 
     for i in range(warmup):
         step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     counter = FlopCounterMode(display=False)
     with counter:
         step(warmup)
@@ -104,7 +108,9 @@ def bench_stage(model, stage: int, cfg, data, device, autocast_dtype, warmup: in
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     b = data[0][0].shape[0]
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     return {
+        "peak_memory_mib": peak_mb,
         "stage": stage,
         "batch_size": b,
         "trainable_parameters": sum(p.numel() for p in params),
@@ -126,6 +132,9 @@ def main() -> None:
     ap.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (default 2048 CPU, 8192 GPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--random-dinov3", action="store_true",
+                    help="for a dinov3-backbone config: a randomly initialised ViT-B/16-sized DINOv3 instead of "
+                         "the config's dinov3_path (speed does not depend on the weights; no download)")
     args = ap.parse_args()
 
     if args.threads:
@@ -144,7 +153,14 @@ def main() -> None:
     from diffca_med.models import DiffCAModel
 
     torch.manual_seed(cfg.training.seed)
-    model = DiffCAModel(cfg.model).to(device)
+    vit = None
+    if args.random_dinov3 and cfg.model.backbone == "dinov3":
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        vit = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                             num_attention_heads=12, patch_size=16, num_register_tokens=4,
+                                             image_size=cfg.model.backbone_input_size))
+    model = DiffCAModel(cfg.model, _vit=vit).to(device)
     if args.stages:
         stages = [int(s) for s in args.stages.split(",")]
     else:
@@ -165,11 +181,12 @@ def main() -> None:
     }
     print(f"device: {result['device']}; peak matmul {result['peak_matmul']}: {result['peak_matmul_gflops_per_s']:.1f} GFLOP/s; "
           f"load average {result['load_average_1min']:.2f}")
-    print(f"{'stage':>5} {'batch':>5} {'params':>9} {'s/step':>8} {'img/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of peak':>8}")
+    print(f"{'stage':>5} {'batch':>5} {'params':>9} {'s/step':>8} {'img/s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of peak':>8}"
+          f" {'GPU MiB':>8}")
     for r in rows:
         print(f"{r['stage']:>5} {r['batch_size']:>5} {r['trainable_parameters']:>9} {r['seconds_per_step']:>8.3f} "
               f"{r['images_per_second']:>8.1f} {r['gflops_per_step']:>10.3f} {r['achieved_gflops_per_s']:>8.1f} "
-              f"{100 * r['fraction_of_peak']:>7.1f}%")
+              f"{100 * r['fraction_of_peak']:>7.1f}% {r['peak_memory_mib'] or 0:>8.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -64,7 +64,7 @@ def test_pseudo_healthy_embed_subgroups_report_chain(model_dir, tiny_store, tumo
 
 def test_swap_and_interpolate_write_strips(model_dir, tiny_store, tumour_subjects, tmp_path):
     a, b = tumour_subjects[0], SliceStore(tiny_store).subjects[-1]
-    r = invoke("swap", model_dir, tiny_store, a, f"{b}:20", tmp_path / "swap.png", "--steps", "1")
+    r = invoke("swap", model_dir, tiny_store, a, f"{b}:20", tmp_path / "swap.png", "--steps", "1", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "swap.png").stat().st_size > 1000
     r = invoke("interpolate", model_dir, tiny_store, a, b, tmp_path / "interp.png", "--n", "3", "--steps", "1")
@@ -83,6 +83,8 @@ def test_swap_and_interpolate_write_strips(model_dir, tiny_store, tumour_subject
         (["pseudo-healthy", "{tmp}/no-model", "{store}", "{out}"], "no such model folder"),
         (["pseudo-healthy", "{model}", "{tmp}/nothing", "{out}"], "no such file or folder"),
         (["embed", "{model}", "{store}", "{out}", "--split", "holdout"], "no slices to embed"),
+        (["pseudo-healthy", "{model}", "{store}", "{out}", "--device", "tpu"], "--device: 'tpu'"),
+        (["embed", "{model}", "{store}", "{out}", "--device", "cuda:7"], "--device: 'cuda:7' asked for"),
         (["subgroups", "{tmp}/none", "{out}"], "no such file or folder"),
         (["report", "{tmp}/none", "{out}"], "no such folder"),
     ],

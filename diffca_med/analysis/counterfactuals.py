@@ -78,6 +78,7 @@ from diffca_med.analysis.anomaly import (
     healthy_region_fidelity,
     most_affected_slices,
 )
+from diffca_med.devices import resolve_device
 from diffca_med.errors import ConfigError, InputError
 from diffca_med.fileio import atomic_path, atomic_write_text
 
@@ -559,13 +560,14 @@ def summary_row(summary: dict) -> dict:
 
 
 def open_model_and_data(model_path: str | Path, data: str | Path, work: str | Path, model=None,
-                        progress: bool = True):
+                        progress: bool = True, device: str = "auto"):
     """Load the model (unless given) and the store it reads, checked against each other.
 
     Args:
         model_path: a trained model folder; ignored when ``model`` is given.
         data: a prepared store or a raw BraTS/MSD/BIDS folder (prepared into ``work``).
         work: where a raw folder's store is written.
+        device: where the model runs (:func:`diffca_med.devices.resolve_device`).
 
     Returns:
         ``(model in eval mode, SliceStore, channel indices of the model's modalities)``.
@@ -577,6 +579,7 @@ def open_model_and_data(model_path: str | Path, data: str | Path, work: str | Pa
             raise InputError(f"{model_path}: no such model folder")
         model = DiffCAModel.from_pretrained(model_path)
     model.eval()
+    model.to(resolve_device(device))
     store = open_data(data, work, model.config, progress)
     check_store_fits(store, model)
     return model, store, channel_indices(store, model.config.modalities)
@@ -593,6 +596,7 @@ def run_pseudo_healthy(
     write_slices: bool = False,
     progress: bool = True,
     model=None,
+    device: str = "auto",
 ) -> list[dict]:
     """Generate and write pseudo-healthy volumes for the chosen subjects of ``data``.
 
@@ -601,6 +605,7 @@ def run_pseudo_healthy(
         data: a prepared store or a raw BraTS/MSD/BIDS folder (prepared into OUT/store).
         subjects: subject ids (default: all; ``split`` narrows to one split).
         model: an already loaded model (then ``model_path`` only names it in summaries).
+        device: where the model runs: ``auto`` (a CUDA GPU when visible), ``cpu``, ``cuda[:N]``.
 
     A subject folder whose ``summary.json`` was written with the same options is
     kept (re-running continues where it stopped). Returns the subject summaries.
@@ -610,7 +615,7 @@ def run_pseudo_healthy(
     generation = generation or GenerationOptions()
     anomaly = anomaly or AnomalyOptions()
     out = Path(out)
-    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress)
+    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress, device)
     chosen = select_subjects(store, subjects, split)
     options = {"generation": asdict(generation), "anomaly": asdict(anomaly), "write_slices": write_slices,
                "model": str(model_path), "store": str(store.path)}

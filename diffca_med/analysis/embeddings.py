@@ -93,12 +93,14 @@ def subject_table(slices: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_embed(model_path: str | Path, data: str | Path, out: str | Path, batch_size: int = 64,
-              splits: tuple[str, ...] | None = None, progress: bool = True, model=None) -> dict:
+              splits: tuple[str, ...] | None = None, progress: bool = True, model=None,
+              device: str = "auto") -> dict:
     """Embed every slice of ``data`` (a store or a raw folder) and write the CSVs.
 
     Args:
         splits: only these splits (default: all).
         model: an already loaded model (``model_path`` then only names it).
+        device: where the model runs: ``auto`` (a CUDA GPU when visible), ``cpu``, ``cuda[:N]``.
 
     Returns:
         The ``embed.json`` content.
@@ -108,7 +110,7 @@ def run_embed(model_path: str | Path, data: str | Path, out: str | Path, batch_s
     from diffca_med.analysis.counterfactuals import open_model_and_data
 
     out = Path(out)
-    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress)
+    model, store, channels = open_model_and_data(model_path, data, out / "store", model, progress, device)
     rows = store.rows(split=list(splits) if splits else None, labels=None)
     if rows.size == 0:
         raise InputError(f"{store.path}: no slices to embed" + (f" in split(s) {', '.join(splits)}" if splits else ""))

@@ -12,6 +12,9 @@ from diffca_med.errors import DiffCAError
 
 F = TypeVar("F", bound=Callable)
 
+DEVICE_HELP = ("Where the model runs: 'auto' (a CUDA GPU when torch sees one, else the CPU), "
+               "'cpu', 'cuda' or 'cuda:N'. Outputs are the same up to floating-point rounding.")
+
 
 def user_errors(func: F) -> F:
     """Turn a :class:`DiffCAError` raised by a command into one line and exit 2.

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from diffca_med.cli.common import user_errors
+from diffca_med.cli.common import DEVICE_HELP, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(..., help="Output folder for slice_embeddings.csv, subject_embeddings.csv and embed.json."),
         split: Optional[List[str]] = typer.Option(None, "--split", help="Only slices of these splits (repeatable: train, val, test). Default: all."),
         batch_size: int = typer.Option(64, "--batch-size", help="Slices encoded per model call."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Export the salient embedding of every slice, and per subject the mean over its tumour slices.
@@ -28,5 +29,6 @@ def register(app: typer.Typer) -> None:
         """
         from diffca_med.analysis.embeddings import run_embed
 
-        info = run_embed(model, store, out, batch_size=batch_size, splits=tuple(split) if split else None, progress=not quiet)
+        info = run_embed(model, store, out, batch_size=batch_size, splits=tuple(split) if split else None, progress=not quiet,
+                         device=device)
         typer.echo(f"wrote {info['n_slices']} slice and {info['n_subjects']} subject embeddings (d = {info['dim']}) to {out}")

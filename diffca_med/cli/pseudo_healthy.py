@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from diffca_med.cli.common import user_errors
+from diffca_med.cli.common import DEVICE_HELP, user_errors
 
 
 def parse_subjects(values: Optional[List[str]]) -> list[str] | None:
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM sampling (and inversion) steps. Default: the model's configured sample_steps."),
         seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and batch size give identical outputs."),
         batch_size: int = typer.Option(32, "--batch-size", help="Slices generated per model call."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         threshold: str = typer.Option("otsu", "--threshold", help="Anomaly-mask threshold: 'otsu' (on the anomaly map inside the brain), 'percentile' or 'fixed'."),
         threshold_value: Optional[float] = typer.Option(None, "--threshold-value", help="For --threshold percentile: the percentile (default 99); for fixed: the anomaly value (normalised intensity units)."),
         combine: str = typer.Option("mean", "--combine", help="How |input - pseudo-healthy| is combined over modalities: 'mean' or 'max'."),
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
         ano = AnomalyOptions(combine=combine, threshold=threshold, threshold_value=threshold_value,
                              dilation=dilation, compose=compose, previews=previews)
         summaries = run_pseudo_healthy(model, data, out, subjects=parse_subjects(subjects), split=split,
-                                       generation=gen, anomaly=ano, write_slices=slices, progress=not quiet)
+                                       generation=gen, anomaly=ano, write_slices=slices, progress=not quiet,
+                                       device=device)
         flagged = sum(1 for s in summaries if s["flags"])
         typer.echo(f"wrote {len(summaries)} subject(s) to {out} ({flagged} with quality flags); cohort table: {out / 'summary.csv'}")

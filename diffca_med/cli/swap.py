@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from diffca_med.cli.common import user_errors
+from diffca_med.cli.common import DEVICE_HELP, user_errors
 from diffca_med.errors import ConfigError, InputError
 
 _DATA_HELP = "A slice store from `diffca-med prepare` (or a raw BraTS/MSD/BIDS folder, prepared next to OUT)."
@@ -46,12 +46,12 @@ def resolve_slice(store, spec: str) -> tuple[int, str]:
     return row, f"{subject}:{int(index['slice'].iloc[row])}"
 
 
-def _setup(model_path: Path, data: Path, out: Path):
+def _setup(model_path: Path, data: Path, out: Path, device: str):
     from diffca_med.analysis.counterfactuals import open_model_and_data
 
     if out.suffix.lower() != ".png":
         raise ConfigError(f"{out}: OUT must be a .png file")
-    return open_model_and_data(model_path, data, out.parent / f"{out.stem}-store")
+    return open_model_and_data(model_path, data, out.parent / f"{out.stem}-store", device=device)
 
 
 def _image(store, row: int, channels: list[int]):
@@ -73,13 +73,14 @@ def register(app: typer.Typer) -> None:
         inversion_depth: float = typer.Option(1.0, "--inversion-depth", help="Fraction of the trajectory inverted/re-generated, in (0, 1]."),
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps. Default: the model's sample_steps."),
         seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same images)."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     ) -> None:
         """Swap the salient (tumour) factor between two slices: each keeps its own common part (anatomy, contrast) and takes the other's salient part."""
         import torch
 
         from diffca_med.analysis.counterfactuals import save_strip
 
-        net, store, channels = _setup(model, data, out)
+        net, store, channels = _setup(model, data, out, device)
         (ra, na), (rb, nb) = resolve_slice(store, a), resolve_slice(store, b)
         xa, xb = _image(store, ra, channels), _image(store, rb, channels)
         kw = {"noise": noise, "inversion_depth": inversion_depth, "steps": steps, "seed": seed}
@@ -105,6 +106,7 @@ def register(app: typer.Typer) -> None:
         inversion_depth: float = typer.Option(1.0, "--inversion-depth", help="Fraction of the trajectory inverted/re-generated, in (0, 1]."),
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps. Default: the model's sample_steps."),
         seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same images)."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     ) -> None:
         """Interpolate the salient factor from slice A's to slice B's while keeping A's common part: G(common(A) + (1 - alpha) salient(A) + alpha salient(B))."""
         import torch
@@ -113,7 +115,7 @@ def register(app: typer.Typer) -> None:
 
         if n < 2:
             raise ConfigError(f"--n: need at least 2 alphas, got {n}")
-        net, store, channels = _setup(model, data, out)
+        net, store, channels = _setup(model, data, out, device)
         (ra, na), (rb, nb) = resolve_slice(store, a), resolve_slice(store, b)
         xa, xb = _image(store, ra, channels), _image(store, rb, channels)
         alphas = np.linspace(0.0, 1.0, n).tolist()

@@ -15,6 +15,8 @@ self-contained (a DINOv3 backbone or pretrained VAE is stored with the weights).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,25 @@ class EncodeOutput:
     def combined(self) -> torch.Tensor:
         """Ẑ = Ẑ_C + Ẑ_S (B, T, D)."""
         return self.common + self.salient
+
+
+def _on_model_device(method):
+    """Run an inference method with its tensor arguments on the model's device.
+
+    The result (a tensor or an :class:`EncodeOutput`) comes back on the first
+    argument's device, so a caller with CPU tensors can use a model on a GPU.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, x: torch.Tensor, *args, **kwargs):
+        home, here = x.device, self.device
+        args = tuple(a.to(here) if isinstance(a, torch.Tensor) else a for a in args)
+        out = method(self, x.to(here), *args, **kwargs)
+        if isinstance(out, EncodeOutput):
+            return EncodeOutput(*(getattr(out, f.name).to(home) for f in dataclasses.fields(out)))
+        return out.to(home)
+
+    return wrapper
 
 
 def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -297,6 +318,7 @@ class DiffCAModel(nn.Module):
         return self.latent_scale.device
 
     @torch.no_grad()
+    @_on_model_device
     def encode(self, x: torch.Tensor) -> EncodeOutput:
         """Tokens and their split for images ``x`` (B, C, H, W) in [0, 1]."""
         self._check_images(x)
@@ -369,6 +391,7 @@ class DiffCAModel(nn.Module):
         return self.generate(tgt_tokens, steps=steps, x_start=x_t, start_index=k)
 
     @torch.no_grad()
+    @_on_model_device
     def reconstruct(self, x: torch.Tensor, noise: str = "fresh", inversion_depth: float = 1.0,
                     steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """G(Ẑ) for images ``x`` (B, C, H, W) → (B, C, H, W) in [0, 1].
@@ -381,6 +404,7 @@ class DiffCAModel(nn.Module):
         return self._edit(x, z, z, noise, inversion_depth, steps, seed)
 
     @torch.no_grad()
+    @_on_model_device
     def pseudo_healthy(self, x: torch.Tensor, noise: str = "fresh", inversion_depth: float = 1.0,
                        steps: int | None = None, seed: int = 0, paired: bool = False) -> torch.Tensor:
         """G(Ẑ_C): the image with its salient part set to the background value 0.
@@ -398,6 +422,7 @@ class DiffCAModel(nn.Module):
         return (x + ph - rec).clamp(0.0, 1.0)
 
     @torch.no_grad()
+    @_on_model_device
     def swap(self, a: torch.Tensor, b: torch.Tensor, noise: str = "fresh",
              inversion_depth: float = 1.0, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """G(Ẑ_C(a) + Ẑ_S(b)); starting noise from ``a``. a, b (B, C, H, W)."""
@@ -405,6 +430,7 @@ class DiffCAModel(nn.Module):
         return self._edit(a, ea.combined, ea.common + eb.salient, noise, inversion_depth, steps, seed)
 
     @torch.no_grad()
+    @_on_model_device
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, alphas: Sequence[float],
                     noise: str = "fresh", inversion_depth: float = 1.0,
                     steps: int | None = None, seed: int = 0) -> torch.Tensor:
