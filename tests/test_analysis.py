@@ -247,3 +247,27 @@ def test_masked_compose_keeps_the_original_outside_the_anomaly(model_dir, tiny_s
     out = nib.load(tmp_path / "m" / subject / s["outputs"]["t1c"])
     assert s["anomaly_volume_ml"] == 0.0
     assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(src).dataobj).astype(np.float32))
+
+
+def test_masked_compose_changes_only_the_salient_support(tiny_store, tmp_path):
+    import torch
+    from analysis_helpers import tiny_model
+
+    from diffca_med.analysis.counterfactuals import AnomalyOptions
+
+    store = SliceStore(tiny_store)
+    subject = store.subjects[0]
+    src = store.source_files(subject)["t1c"].path
+    original = np.asanyarray(nib.load(src).dataobj).astype(np.float32)
+    gen = GenerationOptions(seed=0, steps=1, batch_size=64)
+    everything = AnomalyOptions(threshold="fixed", threshold_value=0.0, compose="masked", previews=1)
+    model = tiny_model(split_mode="inpaint", gate_threshold=0.5, gate_dilation=0)
+    changed = {}
+    for name, logit in (("nothing gated", -10.0), ("all gated", 10.0)):
+        model.split.gate_logits = lambda tokens, v=logit: torch.full((tokens.shape[0], 4), v)
+        [s] = run_pseudo_healthy("tiny", tiny_store, tmp_path / name, subjects=[subject], generation=gen,
+                                 anomaly=everything, progress=False, model=model)
+        out = np.asanyarray(nib.load(tmp_path / name / subject / s["outputs"]["t1c"]).dataobj)
+        changed[name] = int((out != original).sum())
+    # the whole brain is over the threshold, so the support alone decides what changes
+    assert changed["nothing gated"] == 0 and changed["all gated"] > 1000, changed

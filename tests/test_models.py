@@ -187,6 +187,20 @@ def test_inpaint_split_toy_gates_only_the_lesion_tokens():
     assert on_lesion > 0.8 and elsewhere < 0.1, (float(on_lesion), float(elsewhere))
 
 
+def test_salient_support_is_the_image_cell_of_each_gated_token():
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny(n_queries=16, split_mode="inpaint", gate_dilation=0, gate_threshold=0.5)).eval()
+    logits = torch.full((2, 16), -10.0)
+    logits[0, 5] = 10.0  # row 1, column 1 of the 4 x 4 token grid over the 16 x 16 image
+    model.split.gate_logits = lambda tokens: logits
+    support = model.salient_support(images(b=2))
+    expected = torch.zeros(2, 16, 16, dtype=torch.bool)
+    expected[0, 4:8, 4:8] = True
+    assert support.dtype == torch.bool and torch.equal(support, expected)
+    additive = DiffCAModel(tiny()).eval()  # untrained additive split: salient exactly 0
+    assert not additive.salient_support(images(b=2)).any()
+
+
 def test_paired_pseudo_healthy_keeps_the_input_where_the_split_changes_nothing():
     torch.manual_seed(0)
     model = DiffCAModel(tiny()).eval()  # untrained additive split: Ẑ_C = Ẑ

@@ -38,8 +38,12 @@ back to the original grid and intensity scale (``compose``):
 * ``direct``: ``lo + (hi − lo) · up(pseudo)`` inside the brain (the generated image
   itself, at the store's resolution).
 * ``masked``: like ``residual``, but the change is applied only inside the anomaly
-  mask dilated by ``dilation`` pixels (soft 1-pixel edge): the original everywhere
-  else, so only the detected anomaly is replaced.
+  mask dilated by ``dilation`` pixels *and* inside the model's salient support (the
+  image cells of the tokens the split marks salient, ``DiffCAModel.salient_support``),
+  with a soft 1-pixel edge: the original everywhere else, so only the detected anomaly
+  is replaced. The support drops the generation error the anomaly map picks up far
+  from any lesion. With the additive split nearly every pixel is supported; methods
+  without a salient support (the baselines) use the anomaly mask alone.
 
 Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
@@ -256,6 +260,7 @@ class SubjectStack:
         rows: store rows ``(D,)``; slices: axial indices ``(D,)``.
         inputs, pseudo: float32 ``(D, C, H, W)`` in normalised units (model channels).
         brain: bool ``(D, H, W)``; seg: uint8 ``(D, H, W)`` (all zero without a label map).
+        support: bool ``(D, H, W)``, the model's salient support (None: everywhere).
     """
 
     subject: str
@@ -266,6 +271,22 @@ class SubjectStack:
     brain: np.ndarray
     seg: np.ndarray
     modalities: list[str] = field(default_factory=list)
+    support: np.ndarray | None = None
+
+
+def salient_support(model, images: np.ndarray, batch_size: int) -> np.ndarray | None:
+    """``model.salient_support`` of ``images`` ``(N, C, H, W)`` in batches → bool ``(N, H, W)``.
+
+    None for a method without a salient support (the baselines).
+    """
+    import torch
+
+    if not hasattr(model, "salient_support"):
+        return None
+    with torch.no_grad():
+        parts = [model.salient_support(torch.as_tensor(np.ascontiguousarray(images[i : i + batch_size])))
+                 for i in range(0, len(images), batch_size)]
+    return torch.cat(parts).cpu().numpy()
 
 
 def subject_stack(store, subject: str, channels: list[int], model, options: GenerationOptions, on_batch=None) -> SubjectStack:
@@ -274,6 +295,7 @@ def subject_stack(store, subject: str, channels: list[int], model, options: Gene
     inputs = np.asarray(store.images[rows][:, channels], np.float32)
     brain = np.asarray(store.brain[rows]) > 0
     pseudo = generate(model, inputs, options, on_batch=on_batch)
+    support = salient_support(model, inputs, options.batch_size)
     # Outside the brain there is nothing to generate: keep the (zero) input there.
     pseudo = np.where(brain[:, None], pseudo, inputs)
     return SubjectStack(
@@ -285,6 +307,7 @@ def subject_stack(store, subject: str, channels: list[int], model, options: Gene
         brain=brain,
         seg=np.asarray(store.seg[rows]),
         modalities=[store.modalities[c] for c in channels],
+        support=support,
     )
 
 
@@ -424,8 +447,12 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
     if options.compose in ("residual", "masked"):
         delta = stack.pseudo - stack.inputs  # (D, C, H, W)
         if options.compose == "masked":
-            # only inside the dilated anomaly mask, with a soft (1-pixel Gaussian) edge
-            weight = ndimage.gaussian_filter(dilate_mask(mask, options.dilation).astype(np.float32), (0, 1, 1))
+            # only inside the dilated anomaly mask and the salient support, with a soft
+            # (1-pixel Gaussian) edge
+            region = dilate_mask(mask, options.dilation)
+            if stack.support is not None:
+                region = region & stack.support
+            weight = ndimage.gaussian_filter(region.astype(np.float32), (0, 1, 1))
             delta = delta * weight[:, None]
         change = store.to_volume(subject, delta)  # (X, Y, Z, C)
     else:

@@ -326,6 +326,24 @@ class DiffCAModel(nn.Module):
         sp = self.split(tokens)
         return EncodeOutput(sp.common, sp.salient, sp.salient_embedding, tokens)
 
+    @torch.no_grad()
+    @_on_model_device
+    def salient_support(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the split puts something salient: bool (B, H, W) for images (B, C, H, W).
+
+        True in the image cell of every semantic token whose salient part is not zero
+        (tokens are anchored on a square grid over the image). With ``split_mode:
+        inpaint`` these are the gated lesion tokens, after threshold and dilation; a
+        trained additive split leaves almost no token exactly zero (nearly the whole image).
+        """
+        k = self.config.n_queries
+        side = int(round(k**0.5))
+        salient = self.encode(x).salient[:, :k]
+        if side * side != k:  # no square token grid: no cell to point at
+            return torch.ones(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
+        grid = (salient.abs().amax(dim=-1) > 0).reshape(-1, 1, side, side).float()
+        return F.interpolate(grid, size=tuple(x.shape[-2:]), mode="nearest")[:, 0] > 0.5
+
     def _model_fn(self, tokens: torch.Tensor, prior: torch.Tensor | None = None):
         if prior is None:
             prior = self.denoiser.render(tokens)
