@@ -271,3 +271,18 @@ def test_masked_compose_changes_only_the_salient_support(tiny_store, tmp_path):
         changed[name] = int((out != original).sum())
     # the whole brain is over the threshold, so the support alone decides what changes
     assert changed["nothing gated"] == 0 and changed["all gated"] > 1000, changed
+
+
+def test_samples_average_generations_from_other_seeds(model_dir, tiny_store):
+    from diffca_med.analysis.counterfactuals import SAMPLE_SEED_STRIDE
+
+    model = DiffCAModel.from_pretrained(model_dir)
+    store = SliceStore(tiny_store)
+    x = np.asarray(store.images[:6][:, [store.modalities.index(m) for m in model.config.modalities]], np.float32)
+    one = [generate(model, x, GenerationOptions(seed=seed, steps=1, batch_size=8))
+           for seed in (3, 3 + SAMPLE_SEED_STRIDE)]
+    mean = generate(model, x, GenerationOptions(seed=3, steps=1, batch_size=8, samples=2))
+    assert not np.allclose(one[0], one[1])
+    np.testing.assert_allclose(mean, (one[0] + one[1]) / 2, atol=1e-6)
+    with pytest.raises(ConfigError, match="--samples"):
+        GenerationOptions(noise="inverted", samples=2)

@@ -84,6 +84,7 @@ def test_swap_and_interpolate_write_strips(model_dir, tiny_store, tumour_subject
         (["pseudo-healthy", "{model}", "{tmp}/nothing", "{out}"], "no such file or folder"),
         (["embed", "{model}", "{store}", "{out}", "--split", "holdout"], "no slices to embed"),
         (["pseudo-healthy", "{model}", "{store}", "{out}", "--device", "tpu"], "--device: 'tpu'"),
+        (["pseudo-healthy", "{model}", "{store}", "{out}", "--samples", "0"], "--samples"),
         (["embed", "{model}", "{store}", "{out}", "--device", "cuda:7"], "--device: 'cuda:7' asked for"),
         (["subgroups", "{tmp}/none", "{out}"], "no such file or folder"),
         (["report", "{tmp}/none", "{out}"], "no such folder"),

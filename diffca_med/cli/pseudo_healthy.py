@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         inversion_depth: float = typer.Option(1.0, "--inversion-depth", help="Fraction of the diffusion trajectory inverted/re-generated, in (0, 1]; smaller keeps more of the input."),
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM sampling (and inversion) steps. Default: the model's configured sample_steps."),
         seed: int = typer.Option(0, "--seed", help="Random seed: the same seed and batch size give identical outputs."),
+        samples: int = typer.Option(1, "--samples", help="With --noise fresh: average this many generations from different seeds (less sampling noise; N times the time)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Slices generated per model call."),
         device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         threshold: str = typer.Option("otsu", "--threshold", help="Anomaly-mask threshold: 'otsu' (on the anomaly map inside the brain), 'percentile' or 'fixed'."),
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         from diffca_med.analysis.counterfactuals import AnomalyOptions, GenerationOptions, run_pseudo_healthy
 
         gen = GenerationOptions(noise=noise, inversion_depth=inversion_depth, steps=steps, seed=seed,
-                                batch_size=batch_size, paired=paired)
+                                batch_size=batch_size, paired=paired, samples=samples)
         ano = AnomalyOptions(combine=combine, threshold=threshold, threshold_value=threshold_value,
                              dilation=dilation, compose=compose, previews=previews)
         summaries = run_pseudo_healthy(model, data, out, subjects=parse_subjects(subjects), split=split,
