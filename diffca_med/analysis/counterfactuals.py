@@ -31,13 +31,13 @@ overlays the original exactly; ``cal_min``/``cal_max`` and scaling are reset.
 Intensities: the model works at the store's resolution and normalisation. Two ways
 back to the original grid and intensity scale (``compose``):
 
-* ``residual`` (default): ``original + (hi − lo) · up(pseudo − input)`` inside the
+* ``residual``: ``original + (hi − lo) · up(pseudo − input)`` inside the
   brain, where ``up`` is the store's slice → volume resampling and ``lo``/``hi`` the
   modality's normalisation percentiles: the original's full-resolution detail is kept
   and only the model's change is added.
 * ``direct``: ``lo + (hi − lo) · up(pseudo)`` inside the brain (the generated image
   itself, at the store's resolution).
-* ``masked``: like ``residual``, but the change is applied only inside the anomaly
+* ``masked`` (default): like ``residual``, but the change is applied only inside the anomaly
   mask dilated by ``dilation`` pixels *and* inside the model's salient support (the
   image cells of the tokens the split marks salient, ``DiffCAModel.salient_support``),
   with a soft 1-pixel edge: the original everywhere else, so only the detected anomaly
@@ -130,7 +130,7 @@ class AnomalyOptions:
     threshold: str = "otsu"
     threshold_value: float | None = None
     dilation: int = 2  # pixels at store resolution, for the healthy-region fidelity
-    compose: str = "residual"
+    compose: str = "masked"
     previews: int = 3
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         threshold: str = typer.Option("otsu", "--threshold", help="Anomaly-mask threshold: 'otsu' (on the anomaly map inside the brain), 'percentile' or 'fixed'."),
         threshold_value: Optional[float] = typer.Option(None, "--threshold-value", help="For --threshold percentile: the percentile (default 99); for fixed: the anomaly value (normalised intensity units)."),
         combine: str = typer.Option("mean", "--combine", help="How |input - pseudo-healthy| is combined over modalities: 'mean' or 'max'."),
-        compose: str = typer.Option("residual", "--compose", help="Volumes in the original grid: 'residual' adds the model's change to the original voxels (keeps full-resolution detail); 'direct' writes the generated image itself; 'masked' adds the change only inside the dilated anomaly mask (the original elsewhere)."),
+        compose: str = typer.Option("masked", "--compose", help="Volumes in the original grid: 'masked' adds the model's change to the original voxels only inside the dilated anomaly mask and the model's salient support (the original elsewhere); 'residual' adds it everywhere in the brain; both keep the original's full-resolution detail. 'direct' writes the generated image itself."),
         dilation: int = typer.Option(2, "--dilation", help="Radius in store pixels by which the anomaly mask is dilated: for the healthy-region fidelity and for --compose masked."),
         previews: int = typer.Option(3, "--previews", help="Number of most affected slices rendered as PNG previews per subject."),
         slices: bool = typer.Option(False, "--slices", help="Also write every counterfactual slice as PNG and the stack as one (D, C, H, W) .npy per subject (under <subject>/slices/)."),
