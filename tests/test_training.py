@@ -320,3 +320,7 @@ def test_store_must_match_data_section(tiny_store, tmp_path):
     raw["data"]["modalities"] = ["t1c", "flair"]
     with pytest.raises(ConfigError, match="holds modalities"):
         train(tiny_store, config_from_dict(raw), tmp_path / "run", progress=False)
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["percentiles"], raw["data"]["upper_value"] = [0.5, 99.5], 1.0  # the old window
+    with pytest.raises(ConfigError, match="the store maps brain percentiles"):
+        train(tiny_store, config_from_dict(raw), tmp_path / "run", progress=False)
