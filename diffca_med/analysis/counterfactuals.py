@@ -28,7 +28,7 @@ name, so both can be loaded together in 3D Slicer / ITK-SNAP and told apart. Eve
 NIfTI copies its input's header (sform and qform with their codes, voxel sizes), so it
 overlays the original exactly; ``cal_min``/``cal_max`` and scaling are reset.
 
-Intensities: the model works at the store's resolution and normalisation. Two ways
+Intensities: the model works at the store's resolution and normalisation. Three ways
 back to the original grid and intensity scale (``compose``):
 
 * ``residual``: ``original + (hi − lo) · up(pseudo − input)`` inside the
@@ -38,7 +38,7 @@ back to the original grid and intensity scale (``compose``):
 * ``direct``: ``lo + (hi − lo) · up(pseudo)`` inside the brain (the generated image
   itself, at the store's resolution).
 * ``masked`` (default): like ``residual``, but the change is applied only inside the anomaly
-  mask dilated by ``dilation`` pixels *and* inside the model's salient support (the
+  mask dilated by ``dilation`` pixels, inside the brain *and* inside the model's salient support (the
   image cells of the tokens the split marks salient, ``DiffCAModel.salient_support``),
   with a soft 1-pixel edge: the original everywhere else, so only the detected anomaly
   is replaced. The support drops the generation error the anomaly map picks up far
