@@ -13,7 +13,7 @@
 # Environment: PY (interpreter, default python3), PARTS (the parts to run, default
 # "speed e2e"), SPEED_STEPS (timed steps, default 20), SPEED_SET / E2E_SET (extra --set
 # overrides, e.g. to shrink a dry run on a CPU), SUBJECTS (phantom cohort size,
-# default 30 = the demo's).
+# default 30).
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT}
 PY=${PY:-python3}

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def demo_cmd(
         out: Path = typer.Argument(Path("diffca-demo"), help="Output folder (created; re-running continues where it stopped)."),
-        subjects: int = typer.Option(30, "--subjects", help="Number of synthetic subjects (at least 6; about 20% are healthy)."),
+        subjects: int = typer.Option(60, "--subjects", help="Number of synthetic subjects (at least 6; about 20% are healthy; 70/15/15% train/val/test)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the cohort, the generation and the clustering (same seed, same results)."),
         grid: str = typer.Option("half", "--grid", help="Phantom grid: 'half' (120x120x78, 2 mm), 'full' (240x240x155, 1 mm, the BraTS grid) or 'tiny' (60x60x40, 4 mm)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps of the pseudo-healthy generation. Default: the model's."),
