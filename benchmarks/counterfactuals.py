@@ -66,6 +66,7 @@ def geometry_ok(src: Path, out: Path) -> dict:
 
 
 def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Path | None = None) -> dict:
+    from diffca_med.analysis.metrics import brain_window, percentile_normalise
     from diffca_med.data.phantom_writers import TRUTH_DIR
     from diffca_med.data.store import SliceStore
     from diffca_med.pipelines.evaluate import twin_path
@@ -93,10 +94,10 @@ def measure(demo: Path, dilation: int = 2, ph: Path | None = None, subgroups: Pa
             src = Path(s["source_files"][m])
             out = ph / subject / s["outputs"][m]
             geometry.append({"file": out.name, **geometry_ok(src, out)})
-            lo, hi = np.percentile(inputs[m][brain], (0.5, 99.5))
+            lo, hi = brain_window(inputs[m], brain)
 
             def norm(v):
-                return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+                return percentile_normalise(v, lo, hi)
 
             x = norm(inputs[m])
             p = norm(np.asanyarray(nib.load(str(out)).dataobj).astype(np.float32))

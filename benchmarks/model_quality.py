@@ -56,6 +56,8 @@ def evaluation_scale(store, subjects: np.ndarray) -> np.ndarray:
     """
     import nibabel as nib
 
+    from diffca_med.analysis.metrics import brain_window
+
     factors: dict[str, list[float]] = {}
     mods = store.modalities
     for subject in np.unique(subjects):
@@ -68,7 +70,7 @@ def evaluation_scale(store, subjects: np.ndarray) -> np.ndarray:
         factors[subject] = []
         for m, v in zip(mods, vols):
             lo, hi = store.geometry[str(subject)]["intensity"][m]
-            p_lo, p_hi = np.percentile(v[brain], (0.5, 99.5))
+            p_lo, p_hi = brain_window(v, brain)
             factors[subject].append((hi - lo) / (p_hi - p_lo))
     return np.asarray([factors[s] for s in subjects], dtype=np.float32)
 

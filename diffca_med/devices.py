@@ -2,8 +2,8 @@
 
 Training picks its devices through Accelerate (``accelerate launch``); the commands
 that only run a trained model (``pseudo-healthy``, ``embed``, ``swap``,
-``interpolate``, ``demo``) take ``--device auto|cpu|cuda|cuda:N`` and go through
-:func:`resolve_device`.
+``interpolate``) take ``--device auto|cpu|cuda|cuda:N`` and go through
+:func:`resolve_device` (``demo`` uses ``auto``).
 """
 
 from __future__ import annotations

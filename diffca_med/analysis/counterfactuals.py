@@ -42,8 +42,7 @@ back to the original grid and intensity scale (``compose``):
   image cells of the tokens the split marks salient, ``DiffCAModel.salient_support``),
   with a soft 1-pixel edge: the original everywhere else, so only the detected anomaly
   is replaced. The support drops the generation error the anomaly map picks up far
-  from any lesion. With the additive split nearly every pixel is supported; methods
-  without a salient support (the baselines) use the anomaly mask alone.
+  from any lesion. With the additive split nearly every pixel is supported.
 
 Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
@@ -287,15 +286,10 @@ class SubjectStack:
     support: np.ndarray | None = None
 
 
-def salient_support(model, images: np.ndarray, batch_size: int) -> np.ndarray | None:
-    """``model.salient_support`` of ``images`` ``(N, C, H, W)`` in batches → bool ``(N, H, W)``.
-
-    None for a method without a salient support (the baselines).
-    """
+def salient_support(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model.salient_support`` of ``images`` ``(N, C, H, W)`` in batches → bool ``(N, H, W)``."""
     import torch
 
-    if not hasattr(model, "salient_support"):
-        return None
     with torch.no_grad():
         parts = [model.salient_support(torch.as_tensor(np.ascontiguousarray(images[i : i + batch_size])))
                  for i in range(0, len(images), batch_size)]

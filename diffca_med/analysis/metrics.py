@@ -69,6 +69,19 @@ def percentile_window(
     return float(lo), float(hi)
 
 
+def brain_window(volume: np.ndarray, brain: np.ndarray, p_low: float = P_LOW,
+                 p_high: float = P_HIGH) -> tuple[float, float]:
+    """Intensity window ``(lo, hi)`` = percentiles ``p_low``/``p_high`` of ``volume`` inside
+    ``brain`` (bool, same shape).
+
+    The benchmarks score source-grid volumes in this window, fixed by the source
+    data rather than by the store's normalisation, so a figure keeps one meaning
+    whatever ``prepare`` did.
+    """
+    lo, hi = np.percentile(volume[brain], (p_low, p_high))
+    return float(lo), float(hi)
+
+
 def percentile_normalise(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Clip ``x`` to ``[lo, hi]`` and scale to [0, 1] (float64).
 

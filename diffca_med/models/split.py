@@ -157,8 +157,8 @@ class InpaintSplitEncoder(nn.Module):
         h = torch.cat([self.cls.expand(salient.shape[0], -1, -1), salient], dim=1)
         return self.to_embedding(self.norm(self.summariser(h)[:, 0]))
 
-    def soft_salient(self, tokens: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """g·(Z − fill) (B, T, D) for a gate (B, T); the fill is detached, so the other
+    def gated_salient(self, tokens: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """g·(Z − fill) (B, T, D) for a gate (B, T), soft or thresholded; the fill is detached, so the other
         stage-2 losses reach the gate, not the painter (a healthy prior)."""
         fill = self.inpaint(tokens, gate.detach()).detach()
         return gate[..., None] * (tokens - fill)
@@ -166,12 +166,12 @@ class InpaintSplitEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> SplitOutput:
         logits = self.gate_logits(tokens)
         gate = self.gate_from_logits(logits)
-        salient = self.soft_salient(tokens, gate)
+        salient = self.gated_salient(tokens, gate)
         # s is trained on soft gates; in use it still sees them, not the thresholded gate
         # that Ẑ_S takes (on the synthetic cohort's test slices: healthy/tumour probe on s
         # 0.725 from thresholded gates, 0.844 from soft ones)
         soft = salient if self.training or self.threshold <= 0 else \
-            self.soft_salient(tokens, self.gate_from_logits(logits, sparse=False))
+            self.gated_salient(tokens, self.gate_from_logits(logits, sparse=False))
         return SplitOutput(common=tokens - salient, salient=salient,
                            salient_embedding=self.embed(soft), gate=gate, gate_logits=logits)
 
