@@ -169,7 +169,7 @@ class InpaintSplitEncoder(nn.Module):
         salient = self.gated_salient(tokens, gate)
         # s is trained on soft gates; in use it still sees them, not the thresholded gate
         # that Ẑ_S takes (on the synthetic cohort's test slices: healthy/tumour probe on s
-        # 0.725 from thresholded gates, 0.844 from soft ones)
+        # 0.725 from thresholded gates, 0.844 from soft ones; probe folds by slice)
         soft = salient if self.training or self.threshold <= 0 else \
             self.gated_salient(tokens, self.gate_from_logits(logits, sparse=False))
         return SplitOutput(common=tokens - salient, salient=salient,

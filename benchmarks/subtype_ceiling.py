@@ -1,0 +1,142 @@
+"""How well can *any* subject-level clustering recover the phantom's tumour subtype?
+
+    .venv/bin/python benchmarks/subtype_ceiling.py STORE PARTICIPANTS_TSV [--model MODEL] [--json OUT]
+
+The issue-4 target asks k-means of the salient embeddings to recover the phantom
+subtype with ARI ≥ 0.6. This script measures what the slices of a store allow, using
+the **true tumour mask** (the store's label map), so no learnt representation can be
+expected to do better:
+
+* hand-made lesion features per subject (mean over its tumour slices), per channel:
+  the lesion's intensity relative to the healthy brain of the same slices as z-scores
+  (mean, 5th and 95th percentile, fraction above +1.5 and below −1.5), plus the
+  log lesion area: 11 features with two channels;
+* k-means with k = 3 (the number of subtypes, given) on the standardised features
+  → ARI against the subtype;
+* the best ARI over every subset of 2 or 3 of those features — chosen *with* the
+  subtype labels, so an optimistic ceiling, not an achievable figure;
+* a 5-fold logistic regression (supervised) on all features: the information is
+  there even where clustering cannot find it;
+* with ``--model``, the same k-means and supervised figures for the model's stage-1
+  tokens inside the true tumour (token cells with ≥ 30 % tumour) and for its salient
+  embedding, both averaged over each subject's tumour slices.
+
+All subjects of the store with tumour slices are used (train, val and test): the
+figures describe the data, not a held-out model score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffca_med.analysis.probes import cluster_agreement
+from diffca_med.analysis.subgroups import cluster
+
+FEATURES = ("mean_z", "p95_z", "p5_z", "frac_above", "frac_below")
+
+
+def lesion_features(images: np.ndarray, seg: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """(5·C + 1,) features of one subject's tumour slices.
+
+    images (N, C, H, W) in store units, seg (N, H, W) labels, brain (N, H, W) mask.
+    """
+    lesion = seg > 0
+    healthy = (brain > 0) & ~lesion
+    feats = []
+    for c in range(images.shape[1]):
+        ref = images[:, c][healthy]
+        z = (images[:, c][lesion] - np.median(ref)) / max(float(ref.std()), 1e-6)
+        feats += [z.mean(), np.percentile(z, 95), np.percentile(z, 5), (z > 1.5).mean(), (z < -1.5).mean()]
+    feats.append(np.log(lesion.sum()))
+    return np.asarray(feats, np.float64)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+
+
+def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
+    return cluster_agreement(truth, cluster(_standardise(x), k=3).labels)["ari"]
+
+
+def _supervised(x: np.ndarray, truth: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    return float(cross_val_score(LogisticRegression(max_iter=5000), _standardise(x), truth, cv=cv).mean())
+
+
+def _model_features(model_path: Path, images: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-slice (N, D) stage-1 tokens inside the true tumour and (N, d) salient embeddings."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffca_med.models import DiffCAModel
+
+    model = DiffCAModel.from_pretrained(model_path).eval()
+    k = model.config.n_queries
+    side = int(round(k ** 0.5))
+    tok, emb = [], []
+    for i in range(0, len(images), 128):
+        enc = model.encode(torch.from_numpy(images[i:i + 128]))
+        cells = F.adaptive_avg_pool2d(torch.from_numpy((seg[i:i + 128] > 0).astype(np.float32))[:, None], side)
+        w = (cells.flatten(1) >= 0.3).float()
+        w[w.sum(1) == 0] = 1.0  # a slice whose tumour fills no cell: average all tokens
+        tok.append((enc.tokens[:, :k] * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+        emb.append(enc.salient_embedding)
+    return {"stage-1 tokens in true tumour": torch.cat(tok).numpy(), "salient embedding": torch.cat(emb).numpy()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("store", type=Path, help="slice store folder made by 'diffca-med prepare'")
+    ap.add_argument("participants", type=Path, help="the phantom's participants.tsv (subtype column)")
+    ap.add_argument("--model", type=Path, default=None, help="also score this model's tokens and embeddings")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    from diffca_med.data import SliceStore
+
+    store = SliceStore(args.store)
+    subtypes = pd.read_csv(args.participants, sep="\t", dtype={"participant_id": str}).set_index("participant_id")["subtype"]
+    rows = store.rows(labels=("tumour",))
+    subjects = store.index.iloc[rows]["subject"].to_numpy()
+    images = np.asarray(store.images[rows], np.float32)
+    seg, brain = np.asarray(store.seg[rows]), np.asarray(store.brain[rows])
+    names = np.unique(subjects)
+    truth = subtypes.reindex(names).to_numpy()
+    feats = np.stack([lesion_features(images[subjects == s], seg[subjects == s], brain[subjects == s]) for s in names])
+    labels = [f"{m}:{f}" for m in store.modalities for f in FEATURES] + ["log_area"]
+
+    best = max((_kmeans_ari(feats[:, list(c)], truth), c) for r in (2, 3)
+               for c in itertools.combinations(range(feats.shape[1]), r))
+    result = {
+        "store": str(args.store), "subjects": int(len(names)), "size": int(images.shape[-1]),
+        "subtype_counts": pd.Series(truth).value_counts().to_dict(),
+        "lesion_features_kmeans_ari": _kmeans_ari(feats, truth),
+        "lesion_features_best_subset_ari": best[0],
+        "lesion_features_best_subset": [labels[i] for i in best[1]],
+        "lesion_features_supervised_accuracy": _supervised(feats, truth),
+    }
+    if args.model is not None:
+        for name, per_slice in _model_features(args.model, images, seg).items():
+            x = np.stack([per_slice[subjects == s].mean(0) for s in names])
+            result[f"{name}: kmeans_ari"] = _kmeans_ari(x, truth)
+            result[f"{name}: supervised_accuracy"] = _supervised(x, truth)
+    for key, value in result.items():
+        print(f"{key}: {round(value, 3) if isinstance(value, float) else value}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
