@@ -15,6 +15,7 @@ from diffca_med.analysis.anomaly import (
     anomaly_map,
     anomaly_mask,
     healthy_region_fidelity,
+    largest_components,
     most_affected_slices,
     threshold_value,
 )
@@ -77,6 +78,22 @@ def test_anomaly_mask_recovers_a_blob_and_most_affected_orders_by_area():
     assert mask[2, 4:10, 4:10].all() and mask[4, 1:4, 1:4].all()
     assert mask.sum() == 36 + 9
     assert list(most_affected_slices(amap, mask, 2)) == [2, 4]
+
+
+def test_largest_components_keeps_the_biggest_3d_parts():
+    mask = np.zeros((6, 12, 12), bool)
+    mask[1:4, 2:6, 2:6] = True  # 48 voxels over three consecutive slices: one 3-D part
+    mask[0, 9:11, 9:11] = True  # 4 voxels
+    mask[5, 0, 0] = True  # 1 voxel
+    one = largest_components(mask, 1)
+    assert one.sum() == 48 and one[1:4, 2:6, 2:6].all()
+    assert largest_components(mask, 2).sum() == 52
+    assert np.array_equal(largest_components(mask, 0), mask)
+    assert np.array_equal(largest_components(mask, 5), mask)
+    # slices touching diagonally are one part (26-connectivity across consecutive slices)
+    diag = np.zeros((2, 4, 4), bool)
+    diag[0, 0, 0] = diag[1, 1, 1] = True
+    assert largest_components(diag, 1).sum() == 2
 
 
 def test_healthy_region_fidelity_ignores_the_dilated_anomaly():

@@ -90,6 +90,18 @@ def test_label_rule_thresholds():
     assert frac[1] == pytest.approx(0.1)
 
 
+def test_dataset_can_leave_out_thin_tumour_slices(store16):
+    full = SliceDataset(store16, split=None)
+    pixels = store16.index["tumour_pixels"].to_numpy()[full.indices]
+    cut = float(np.median(pixels[full.labels == 1])) / 16**2  # half the tumour slices are thinner
+    strict = SliceDataset(store16, split=None, min_tumour_fraction=cut)
+    kept = store16.index["tumour_pixels"].to_numpy()[strict.indices]
+    assert (strict.labels == 0).sum() == (full.labels == 0).sum()  # healthy slices all stay
+    assert 0 < (strict.labels == 1).sum() < (full.labels == 1).sum()
+    assert (kept[strict.labels == 1] >= cut * 16**2).all()
+    assert [int(strict[i]["row"]) for i in range(3)] == list(strict.indices[:3])
+
+
 def test_dataset_and_balanced_sampler(store16):
     ds = SliceDataset(store16, split=None)
     item = ds[0]

@@ -134,6 +134,20 @@ def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=disc.reshape((1,) * (mask.ndim - 2) + disc.shape))
 
 
+def largest_components(mask: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` largest 3-D connected parts of a slice stack ``(D, H, W)`` (26-connected;
+    consecutive slices touch); ``n`` = 0 keeps the mask as it is."""
+    mask = np.asarray(mask, dtype=bool)
+    if n <= 0 or not mask.any():
+        return mask.copy()
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= n:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:n] + 1
+    return np.isin(labels, keep)
+
+
 def healthy_region_fidelity(
     inputs: np.ndarray,
     pseudo_healthy: np.ndarray,

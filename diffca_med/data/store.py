@@ -252,13 +252,21 @@ class SliceDataset(Dataset):
 
     ``ds[i]`` -> ``{"image": FloatTensor (C, H, W) in [0, 1], "label": LongTensor ()
     0 healthy / 1 tumour (-1 excluded), "brain": FloatTensor (1, H, W), "row": int}``.
+    ``min_tumour_fraction`` > 0 leaves out tumour slices whose tumour covers less of
+    the slice (size² pixels) than that, on top of the store's own threshold.
     """
 
-    def __init__(self, store: SliceStore | str | Path, split: str | Sequence[str] | None = "train", labels: Sequence[str] | None = ("healthy", "tumour")):
+    def __init__(self, store: SliceStore | str | Path, split: str | Sequence[str] | None = "train",
+                 labels: Sequence[str] | None = ("healthy", "tumour"), min_tumour_fraction: float = 0.0):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
         self.split = split
         self.label_names = tuple(labels) if labels is not None else LABELS
         self.indices = self.store.rows(split=split, labels=labels)
+        if min_tumour_fraction > 0:  # drop thinner tumour slices (lesion fringes)
+            index = self.store.index.iloc[self.indices]
+            thin = (index["label"] == "tumour").to_numpy() & (
+                index["tumour_pixels"].to_numpy() < min_tumour_fraction * self.store.size ** 2)
+            self.indices = self.indices[~thin]
         codes = self.store.index["label"].map(LABEL_CODES).to_numpy()
         self.labels = codes[self.indices].astype(np.int64)
 

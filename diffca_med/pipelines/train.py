@@ -367,19 +367,21 @@ def train(
             + (f", from step {resume_here.step}" if resume_here else "")
             + f" on {accelerator.num_processes} x {accelerator.device.type}"
         )
+        stage_data = dataset if sc.min_tumour_fraction <= 0 else \
+            SliceDataset(store, split="train", min_tumour_fraction=sc.min_tumour_fraction)
         r = train_stage(
             accelerator,
             model,
             cfg,
             s,
-            dataset,
-            dataset.labels,
+            stage_data,
+            stage_data.labels,
             run_dir,
             resume=resume_here,
             sample_images=samples,
             progress=progress,
             stop_at_step=stop_at[1] if stop_at is not None and stop_at[0] == s else None,
-            strata=_position_strata(store, dataset, cfg.stage(s).match_position_bins),
+            strata=_position_strata(store, stage_data, sc.match_position_bins),
         )
         results.append({
             "stage": s,

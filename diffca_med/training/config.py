@@ -80,6 +80,8 @@ class StageConfig:
     balanced: bool = True  # healthy:tumour 1:1 in every micro-batch
     match_position_bins: int = 0  # >0: pair each tumour slice with a healthy slice from the same
     # of this many bins of axial position (so position alone cannot tell the halves apart)
+    min_tumour_fraction: float = 0.0  # >0: this stage trains only on tumour slices with at least
+    # this fraction of tumour pixels (stricter than the store's own threshold; 0 = all of them)
 
 
 @dataclass
@@ -271,6 +273,8 @@ def _check_stage(stage: StageConfig, name: str, source: str) -> None:
         raise ConfigError(f"{source}: '{name}.ema_decay' must be in (0, 1), got {stage.ema_decay}")
     if len(stage.betas) != 2 or not all(0.0 <= b < 1.0 for b in stage.betas):
         raise ConfigError(f"{source}: '{name}.betas' must be two numbers in [0, 1)")
+    if not 0.0 <= stage.min_tumour_fraction < 1.0:
+        raise ConfigError(f"{source}: '{name}.min_tumour_fraction' must be in [0, 1), got {stage.min_tumour_fraction}")
 
 
 def _check(cfg: TrainConfig) -> None:
