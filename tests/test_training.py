@@ -324,3 +324,9 @@ def test_store_must_match_data_section(tiny_store, tmp_path):
     raw["data"]["percentiles"], raw["data"]["upper_value"] = [0.5, 99.5], 1.0  # the old window
     with pytest.raises(ConfigError, match="the store maps brain percentiles"):
         train(tiny_store, config_from_dict(raw), tmp_path / "run", progress=False)
+
+
+def test_stage_tumour_threshold_that_leaves_no_tumour_slice_is_a_config_error(tiny_store, tmp_path):
+    with pytest.raises(ConfigError, match=r"stage2.min_tumour_fraction 0.99 leaves no tumour slice to train on in .* pixels\)"):
+        train(tiny_store, tiny_cfg(stage2__min_tumour_fraction=0.99), tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run").glob("checkpoints/stage1-*"))  # refused before any training

@@ -232,6 +232,21 @@ def _position_strata(store, dataset, bins: int) -> np.ndarray | None:
     return np.minimum((pos * bins).astype(np.int64), bins - 1)
 
 
+def _stage_dataset(store, dataset, min_tumour_fraction: float, name: str):
+    """The training slices of one stage: ``dataset`` itself, or without tumour slices
+    thinner than ``min_tumour_fraction`` (ConfigError if that leaves no tumour slice)."""
+    if min_tumour_fraction <= 0:
+        return dataset
+    from diffca_med.data.store import SliceDataset
+
+    strict = SliceDataset(store, split="train", min_tumour_fraction=min_tumour_fraction)
+    if (dataset.labels == 1).any() and not (strict.labels == 1).any():
+        most = int(store.index["tumour_pixels"].to_numpy()[dataset.indices].max())
+        raise ConfigError(f"{name}.min_tumour_fraction {min_tumour_fraction} leaves no tumour slice to train on in "
+                          f"{store.path} (the largest has {most} of {store.size ** 2} pixels)")
+    return strict
+
+
 def _build_model(model_cfg, seed: int):
     from diffca_med.models import DiffCAModel
 
@@ -358,6 +373,7 @@ def train(
 
     from diffca_med.training.loop import train_stage
 
+    stage_data = {s: _stage_dataset(store, dataset, cfg.stage(s).min_tumour_fraction, f"stage{s}") for s in stages}
     results = []
     for s in stages:
         resume_here = resume_ckpt if (resume_ckpt is not None and resume_ckpt.stage == s) else None
@@ -367,21 +383,19 @@ def train(
             + (f", from step {resume_here.step}" if resume_here else "")
             + f" on {accelerator.num_processes} x {accelerator.device.type}"
         )
-        stage_data = dataset if sc.min_tumour_fraction <= 0 else \
-            SliceDataset(store, split="train", min_tumour_fraction=sc.min_tumour_fraction)
         r = train_stage(
             accelerator,
             model,
             cfg,
             s,
-            stage_data,
-            stage_data.labels,
+            stage_data[s],
+            stage_data[s].labels,
             run_dir,
             resume=resume_here,
             sample_images=samples,
             progress=progress,
             stop_at_step=stop_at[1] if stop_at is not None and stop_at[0] == s else None,
-            strata=_position_strata(store, stage_data, sc.match_position_bins),
+            strata=_position_strata(store, stage_data[s], sc.match_position_bins),
         )
         results.append({
             "stage": s,
