@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from diffca_med.analysis.probes import classification_probe
+from diffca_med.data.store import min_tumour_pixels
 
 #: a tumour slice with tumour on less than this fraction of its pixels is lesion fringe
 FRINGE_FRACTION = 0.03
@@ -158,7 +159,7 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
             return classification_probe(features[keep], labels_all[keep], subjects_all[keep], seed=seed)
 
         # lesion-fringe tumour slices (a few oedema pixels) are where a probe fails
-        core = (labels_all == 0) | (index["tumour_pixels"].to_numpy() >= FRINGE_FRACTION * x_all[0, 0].numel())
+        core = (labels_all == 0) | (index["tumour_pixels"].to_numpy() >= min_tumour_pixels(store.size, FRINGE_FRACTION))
         out["probes"] = {
             "salient_embedding_bacc": probe(sal),
             "common_pooled_bacc": probe(com),

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.preprocessing import StandardScaler
 
 from diffca_med.analysis.probes import cluster_agreement
 from diffca_med.analysis.subgroups import cluster
@@ -58,12 +59,8 @@ def lesion_features(images: np.ndarray, seg: np.ndarray, brain: np.ndarray) -> n
     return np.asarray(feats, np.float64)
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
-
-
 def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
-    return cluster_agreement(truth, cluster(_standardise(x), k=3).labels)["ari"]
+    return cluster_agreement(truth, cluster(StandardScaler().fit_transform(x), k=3).labels)["ari"]
 
 
 def _supervised(x: np.ndarray, truth: np.ndarray) -> float:
@@ -71,7 +68,7 @@ def _supervised(x: np.ndarray, truth: np.ndarray) -> float:
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
-    return float(cross_val_score(LogisticRegression(max_iter=5000), _standardise(x), truth, cv=cv).mean())
+    return float(cross_val_score(LogisticRegression(max_iter=5000), StandardScaler().fit_transform(x), truth, cv=cv).mean())
 
 
 def _model_features(model_path: Path, images: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:

@@ -78,8 +78,7 @@ def brain_window(volume: np.ndarray, brain: np.ndarray, p_low: float = P_LOW,
     data rather than by the store's normalisation, so a figure keeps one meaning
     whatever ``prepare`` did.
     """
-    lo, hi = np.percentile(volume[brain], (p_low, p_high))
-    return float(lo), float(hi)
+    return percentile_window(volume[brain], p_low, p_high, strictly_positive=False)
 
 
 def percentile_normalise(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

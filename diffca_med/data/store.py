@@ -49,6 +49,11 @@ LABEL_CODES = {"healthy": 0, "tumour": 1, "excluded": -1}
 STORE_FILES = ("store.json", "images.npy", "seg.npy", "brain.npy", "index.csv", "subjects.csv", "geometry.json")
 
 
+def min_tumour_pixels(size: int, min_tumour_fraction: float) -> int:
+    """Tumour area (pixels at store resolution) a slice needs to be labelled ``tumour``."""
+    return max(1, int(np.ceil(min_tumour_fraction * size * size)))
+
+
 def ras_to_display(arr: np.ndarray) -> np.ndarray:
     """(..., X, Y) RAS in-plane arrays -> (..., H, W) display slices (rows A->P, cols L->R)."""
     return np.flip(np.swapaxes(arr, -1, -2), axis=-2)
@@ -265,7 +270,7 @@ class SliceDataset(Dataset):
         if min_tumour_fraction > 0:  # drop thinner tumour slices (lesion fringes)
             index = self.store.index.iloc[self.indices]
             thin = (index["label"] == "tumour").to_numpy() & (
-                index["tumour_pixels"].to_numpy() < min_tumour_fraction * self.store.size ** 2)
+                index["tumour_pixels"].to_numpy() < min_tumour_pixels(self.store.size, min_tumour_fraction))
             self.indices = self.indices[~thin]
         codes = self.store.index["label"].map(LABEL_CODES).to_numpy()
         self.labels = codes[self.indices].astype(np.int64)

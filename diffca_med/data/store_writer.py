@@ -17,16 +17,11 @@ import numpy as np
 import pandas as pd
 
 from diffca_med.data.splits import SPLITS
-from diffca_med.data.store import LABELS
+from diffca_med.data.store import LABELS, min_tumour_pixels
 
 #: Defaults of the slice-label thresholds (documented in ``prepare --help``).
 DEFAULT_MIN_BRAIN_FRACTION = 0.3
 DEFAULT_MIN_TUMOUR_FRACTION = 0.005
-
-
-def min_tumour_pixels(size: int, min_tumour_fraction: float) -> int:
-    """Tumour area (pixels at store resolution) a slice needs to be labelled ``tumour``."""
-    return max(1, int(np.ceil(min_tumour_fraction * size * size)))
 
 
 def label_slices(
