@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 import pandas as pd
 import pytest
 import SimpleITK as sitk
@@ -264,6 +265,38 @@ def test_masked_compose_keeps_the_original_outside_the_anomaly(model_dir, tiny_s
     out = nib.load(tmp_path / "m" / subject / s["outputs"]["t1c"])
     assert s["anomaly_volume_ml"] == 0.0
     assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(src).dataobj).astype(np.float32))
+
+
+def test_slices_with_less_brain_than_training_are_not_assessed(tiny_store, tmp_path):
+    import torch
+    from analysis_helpers import tiny_model
+
+    from diffca_med.analysis.counterfactuals import AnomalyOptions, trained_slices
+
+    store = SliceStore(tiny_store)
+    subject = store.subjects[0]
+    rows = store.subject_rows(subject)
+    assessed = trained_slices(store, rows)
+    assert assessed.any() and not assessed.all()  # the phantom has top and bottom slices with little brain
+    gen = GenerationOptions(seed=0, steps=1, batch_size=64)
+    # a threshold of 0 and every token gated: all assessed brain may change
+    everything = AnomalyOptions(threshold="fixed", threshold_value=0.0, compose="masked", previews=1)
+    model = tiny_model(split_mode="inpaint", gate_threshold=0.5, gate_dilation=0)
+    model.split.gate_logits = lambda tokens: torch.full((tokens.shape[0], 4), 10.0)  # every token salient
+    [s] = run_pseudo_healthy("tiny", tiny_store, tmp_path / "a", subjects=[subject], generation=gen,
+                             anomaly=everything, progress=False, model=model)
+    slices = store.index["slice"].to_numpy()[rows]
+    assert s["assessed_slices"] == [int(k) for k in slices[assessed]]
+    brain = np.asarray(store.brain[rows]) > 0
+    outside = store.to_volume(subject, (brain & ~assessed[:, None, None]).astype(np.uint8), order=0) > 0
+    inside = store.to_volume(subject, (brain & assessed[:, None, None]).astype(np.uint8), order=0) > 0
+    amap = np.asanyarray(nib.load(tmp_path / "a" / subject / s["outputs"]["anomaly"]).dataobj)
+    out = np.asanyarray(nib.load(tmp_path / "a" / subject / s["outputs"]["t1c"]).dataobj)
+    original = np.asanyarray(nib.load(store.source_files(subject)["t1c"].path).dataobj).astype(np.float32)
+    only_outside = outside & ~ndimage.binary_dilation(inside)  # voxels interpolated from unassessed slices only
+    assert only_outside.sum() > 100
+    assert np.all(amap[only_outside] == 0) and np.array_equal(out[only_outside], original[only_outside])
+    assert (amap[inside] > 0).mean() > 0.5 and not np.array_equal(out[inside], original[inside])
 
 
 def test_masked_compose_changes_only_the_salient_support(tiny_store, tmp_path):

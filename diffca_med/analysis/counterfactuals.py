@@ -42,23 +42,27 @@ back to the original grid and intensity scale (``compose``):
   image cells of the tokens the split marks salient, ``DiffCAModel.salient_support``),
   with a soft 1-pixel edge: the original everywhere else, so only the detected anomaly
   is replaced. The support drops the generation error the anomaly map picks up far
-  from any lesion. With the additive split nearly every pixel is supported. Slices
-  with less brain than the model was trained on (``trained_slices``) stay the
-  original; ``components`` N > 0 keeps only the N largest 3-D connected parts of the
-  region (``largest_components``).
+  from any lesion. With the additive split nearly every pixel is supported.
+  ``components`` N > 0 keeps only the N largest 3-D connected parts of the region
+  (``largest_components``).
 
 Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
 (:func:`diffca_med.analysis.anomaly.anomaly_map`), resampled to the original grid;
 the mask thresholds it with a threshold computed at store resolution inside the brain.
+Both, the healthy-region fidelity and hence ``masked`` composition cover only the
+*assessed* slices: those with as much brain as the model's training slices
+(``trained_slices``). Slices near the top and bottom of the brain are never trained
+on and the generation errs there (~15.5 dB against the true healthy twin on the CPU
+preset): the map is 0 and the output the original there.
 
 ``summary.json`` keys: ``subject``, ``split``, ``model``, ``store``, ``modalities``,
 ``source_files`` (modality → path, ``seg``), ``outputs`` (kind → file name), ``slices``
-(axial indices), ``most_affected`` (axial indices), ``threshold`` (method, value),
+(axial indices), ``assessed_slices`` (the axial indices with anomaly scores), ``most_affected`` (axial indices), ``threshold`` (method, value),
 ``voxel_volume_ml``, ``anomaly_volume_ml``, ``tumour_volume_ml`` (null without a label
 map), ``dice_vs_label`` (store resolution; null without a label map), ``fidelity``
-(``psnr`` dB, ``ssim``, ``pixels``: pseudo-healthy vs input inside the brain and
-outside the dilated anomaly mask, store resolution), ``flags`` (list of quality
+(``psnr`` dB, ``ssim``, ``pixels``: pseudo-healthy vs input inside the brain of the
+assessed slices and outside the dilated anomaly mask, store resolution), ``flags`` (list of quality
 flags), ``options``.
 """
 
@@ -307,8 +311,9 @@ def trained_slices(store, rows: np.ndarray) -> np.ndarray:
 
     Slices near the top and bottom of the brain are never trained on; there the
     generated image errs most (on the CPU preset: ~15.5 dB against the true healthy
-    twin, a third of all the error outside the tumour), so ``--compose masked`` keeps
-    the original there.
+    twin, a third of all the error outside the tumour), so the anomaly map, the
+    healthy-region fidelity and ``--compose masked`` leave them out (the *assessed*
+    slices of ``write_subject`` are these).
     """
     minimum = float(store.meta.get("thresholds", {}).get("min_brain_fraction", 0.0))
     return store.index["brain_fraction"].to_numpy()[rows] >= minimum
@@ -464,8 +469,10 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
     sources = store.source_files(subject)
     geom = store.geometry[subject]
     lohi = np.array([geom["intensity"][m] for m in stack.modalities], np.float32)  # (C, 2)
-    amap = anomaly_map(stack.inputs, stack.pseudo, stack.brain, options.combine)  # (D, H, W)
-    mask, thr = anomaly_mask(amap, stack.brain, options.threshold, options.threshold_value)
+    # the model is judged only where it was trained: brain of slices like its training slices
+    assessed = stack.brain & trained_slices(store, stack.rows)[:, None, None]  # (D, H, W)
+    amap = anomaly_map(stack.inputs, stack.pseudo, assessed, options.combine)  # (D, H, W)
+    mask, thr = anomaly_mask(amap, assessed, options.threshold, options.threshold_value)
 
     # ---- back to the original grid
     brain_vol = store.to_volume(subject, stack.brain.astype(np.uint8), order=0) > 0
@@ -476,7 +483,7 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
             # a soft (1-pixel Gaussian) edge; the brain limit keeps the edge from spreading
             # the generated brain border, where generation errs most (+0.65 dB outside the
             # tumour on the CPU preset's test subjects)
-            region = dilate_mask(mask, options.dilation) & stack.brain & trained_slices(store, stack.rows)[:, None, None]
+            region = dilate_mask(mask, options.dilation) & stack.brain  # in-plane: assessed slices only
             if stack.support is not None:
                 region = region & stack.support
             region = largest_components(region, options.components)
@@ -522,7 +529,7 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
         seg_img = _load(Path(seg_path))
         seg_voxels = int((np.asanyarray(seg_img.dataobj) > 0).sum())
         tumour_ml = seg_voxels * float(np.prod(seg_img.header.get_zooms()[:3])) / 1000.0
-    fidelity = healthy_region_fidelity(stack.inputs, stack.pseudo, stack.brain, mask, options.dilation)
+    fidelity = healthy_region_fidelity(stack.inputs, stack.pseudo, assessed, mask, options.dilation)
     label = stack.seg > 0
     dice = None
     if seg_path is not None:
@@ -569,6 +576,7 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
         "outputs": outputs,
         "previews": previews,
         "slices": [int(s) for s in stack.slices],
+        "assessed_slices": [int(s) for s in stack.slices[assessed.any(axis=(1, 2))]],
         "most_affected": [int(stack.slices[p]) for p in top],
         "threshold": {"method": options.threshold, "value": _jsonable(float(thr)), "combine": options.combine},
         "voxel_volume_ml": voxel_ml,
