@@ -50,15 +50,16 @@ Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
 (:func:`diffca_med.analysis.anomaly.anomaly_map`), resampled to the original grid;
 the mask thresholds it with a threshold computed at store resolution inside the brain.
-Both, the healthy-region fidelity and hence ``masked`` composition cover only the
-*assessed* slices: those with as much brain as the model's training slices
+The map, its mask, the healthy-region fidelity and hence ``masked`` composition cover
+only the *assessed* slices: those with as much brain as the model's training slices
 (``trained_slices``). Slices near the top and bottom of the brain are never trained
 on and the generation errs there (~15.5 dB against the true healthy twin on the CPU
 preset): the map is 0 and the output the original there.
 
 ``summary.json`` keys: ``subject``, ``split``, ``model``, ``store``, ``modalities``,
 ``source_files`` (modality → path, ``seg``), ``outputs`` (kind → file name), ``slices``
-(axial indices), ``assessed_slices`` (the axial indices with anomaly scores), ``most_affected`` (axial indices), ``threshold`` (method, value),
+(axial indices), ``assessed_slices`` (the axial indices with anomaly scores),
+``most_affected`` (axial indices), ``threshold`` (method, value),
 ``voxel_volume_ml``, ``anomaly_volume_ml``, ``tumour_volume_ml`` (null without a label
 map), ``dice_vs_label`` (store resolution; null without a label map), ``fidelity``
 (``psnr`` dB, ``ssim``, ``pixels``: pseudo-healthy vs input inside the brain of the
