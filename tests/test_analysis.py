@@ -323,6 +323,28 @@ def test_masked_compose_changes_only_the_salient_support(tiny_store, tmp_path):
     assert changed["nothing gated"] == 0 and changed["all gated"] > 1000, changed
 
 
+def test_anomaly_mask_keeps_only_the_salient_support(tiny_store, tmp_path):
+    import torch
+    from analysis_helpers import tiny_model
+
+    from diffca_med.analysis.counterfactuals import AnomalyOptions
+
+    store = SliceStore(tiny_store)
+    subject = store.subjects[0]
+    gen = GenerationOptions(seed=0, steps=1, batch_size=64)
+    model = tiny_model(split_mode="inpaint", gate_threshold=0.5, gate_dilation=0)
+    model.split.gate_logits = lambda tokens: torch.full((tokens.shape[0], 4), -10.0)  # no token salient
+    volumes = {}
+    for support in (True, False):
+        # a threshold of 0: the whole assessed brain is over it
+        ano = AnomalyOptions(threshold="fixed", threshold_value=0.0, support=support, previews=1)
+        [s] = run_pseudo_healthy("tiny", tiny_store, tmp_path / str(support), subjects=[subject], generation=gen,
+                                 anomaly=ano, progress=False, model=model)
+        mask = np.asanyarray(nib.load(tmp_path / str(support) / subject / s["outputs"]["anomaly_mask"]).dataobj)
+        volumes[support] = (s["anomaly_volume_ml"], int(mask.sum()))
+    assert volumes[True] == (0.0, 0) and volumes[False][1] > 1000, volumes
+
+
 def test_samples_average_generations_from_other_seeds(model_dir, tiny_store):
     from diffca_med.analysis.counterfactuals import SAMPLE_SEED_STRIDE
 

@@ -35,10 +35,12 @@ def tumour_subjects(tiny_store):
 def test_pseudo_healthy_embed_subgroups_report_chain(model_dir, tiny_store, tumour_subjects, tmp_path):
     subject = tumour_subjects[0]
     r = invoke("pseudo-healthy", model_dir, tiny_store, tmp_path / "ph", "--subjects", subject, "--steps", "1",
-               "--threshold", "percentile", "--threshold-value", "95", "--combine", "max", "--slices", "--quiet")
+               "--threshold", "percentile", "--threshold-value", "95", "--combine", "max", "--slices", "--quiet",
+               "--no-support")  # the untrained split gates nothing: its salient support is empty
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "ph" / subject / "summary.json").read_text())
     assert summary["threshold"]["method"] == "percentile" and summary["threshold"]["combine"] == "max"
+    assert summary["options"]["anomaly"]["support"] is False
     assert (tmp_path / "ph" / subject / "slices" / "pseudo_healthy.npy").is_file()
     mask = np.asanyarray(nib.load(tmp_path / "ph" / subject / summary["outputs"]["anomaly_mask"]).dataobj)
     assert mask.any()

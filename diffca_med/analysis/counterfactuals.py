@@ -49,7 +49,8 @@ back to the original grid and intensity scale (``compose``):
 Outside the brain both keep the original voxels. The anomaly map is
 ``|input − pseudo|`` in normalised units, combined over modalities
 (:func:`diffca_med.analysis.anomaly.anomaly_map`), resampled to the original grid;
-the mask thresholds it with a threshold computed at store resolution inside the brain.
+the mask thresholds it with a threshold computed at store resolution inside the brain
+and, with ``support`` (default), keeps only the model's salient support.
 The map, its mask, the healthy-region fidelity and hence ``masked`` composition cover
 only the *assessed* slices: those with as much brain as the model's training slices
 (``trained_slices``). Slices near the top and bottom of the brain are never trained
@@ -140,6 +141,7 @@ class AnomalyOptions:
     dilation: int = 2  # pixels at store resolution, for the healthy-region fidelity
     compose: str = "masked"
     components: int = 0  # --compose masked: keep the N largest 3-D parts of the region (0: all)
+    support: bool = True  # the anomaly mask only inside the model's salient support
     previews: int = 3
 
     def __post_init__(self) -> None:
@@ -474,6 +476,12 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
     assessed = stack.brain & trained_slices(store, stack.rows)[:, None, None]  # (D, H, W)
     amap = anomaly_map(stack.inputs, stack.pseudo, assessed, options.combine)  # (D, H, W)
     mask, thr = anomaly_mask(amap, assessed, options.threshold, options.threshold_value)
+    # the map differs from the input everywhere a generation errs; where the split gated
+    # no lesion token that is reconstruction error, not anomaly (on the demo's tumour
+    # subjects the mask's Dice with the label: 0.283 -> 0.441 test, 0.310 -> 0.418 val)
+    support = stack.support if options.support and stack.support is not None else None
+    if support is not None:
+        mask = mask * support.astype(np.uint8)
 
     # ---- back to the original grid
     brain_vol = store.to_volume(subject, stack.brain.astype(np.uint8), order=0) > 0
@@ -516,7 +524,10 @@ def write_subject(stack: SubjectStack, store, out_dir: Path, options: AnomalyOpt
         outputs[mod] = name
     assert reference is not None
     amap_vol = np.clip(store.to_volume(subject, amap), 0.0, None) * brain_vol
-    mask_vol = ((amap_vol > thr) & brain_vol).astype(np.uint8)
+    mask_vol = (amap_vol > thr) & brain_vol
+    if support is not None:
+        mask_vol &= store.to_volume(subject, support.astype(np.uint8), order=0) > 0
+    mask_vol = mask_vol.astype(np.uint8)
     outputs["anomaly"] = f"{subject}_anomaly.nii.gz"
     outputs["anomaly_mask"] = f"{subject}_anomaly_mask.nii.gz"
     write_like(amap_vol, reference, out_dir / outputs["anomaly"], np.float32)

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         compose: str = typer.Option("masked", "--compose", help="Volumes in the original grid: 'masked' adds the model's change to the original voxels only inside the dilated anomaly mask and the model's salient support, on slices with as much brain as the training slices (the original elsewhere); 'residual' adds it everywhere in the brain; both keep the original's full-resolution detail. 'direct' writes the generated image itself."),
         dilation: int = typer.Option(2, "--dilation", help="Radius in store pixels by which the anomaly mask is dilated: for the healthy-region fidelity and for --compose masked."),
         components: int = typer.Option(0, "--components", help="With --compose masked: change only the N largest 3-D connected parts of the region (consecutive slices connect), dropping small scattered detections; 0 keeps every part."),
+        support: bool = typer.Option(True, "--support/--no-support", help="Keep in the anomaly mask only the model's salient support: the image cells of the tokens its split gates as lesion (with the additive split nearly every cell). Elsewhere |input - pseudo-healthy| is reconstruction error, not anomaly; --no-support thresholds the whole map."),
         previews: int = typer.Option(3, "--previews", help="Number of most affected slices rendered as PNG previews per subject."),
         slices: bool = typer.Option(False, "--slices", help="Also write every counterfactual slice as PNG and the stack as one (D, C, H, W) .npy per subject (under <subject>/slices/)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -54,7 +55,8 @@ def register(app: typer.Typer) -> None:
         gen = GenerationOptions(noise=noise, inversion_depth=inversion_depth, steps=steps, seed=seed,
                                 batch_size=batch_size, paired=paired, samples=samples)
         ano = AnomalyOptions(combine=combine, threshold=threshold, threshold_value=threshold_value,
-                             dilation=dilation, compose=compose, components=components, previews=previews)
+                             dilation=dilation, compose=compose, components=components, support=support,
+                             previews=previews)
         summaries = run_pseudo_healthy(model, data, out, subjects=parse_subjects(subjects), split=split,
                                        generation=gen, anomaly=ano, write_slices=slices, progress=not quiet,
                                        device=device)
