@@ -66,7 +66,7 @@ def test_identity_baseline_known_answers(tiny_store, truth, identity_dir, tmp_pa
     # A constant (all-zero) anomaly map ranks nothing: AP = prevalence, AUROC = 0.5.
     assert det["auprc"] == pytest.approx(det["tumour_prevalence"], rel=1e-6)
     assert det["slice_auroc"] == pytest.approx(0.5)
-    assert "embedding" not in metrics
+    assert "embedding" not in metrics and "detection_in_support" not in cf  # identity does not localise
     table = (out / "metrics.md").read_text()
     assert "| identity |" in table and "∞" in table
 
@@ -99,6 +99,8 @@ def test_evaluate_a_model_folder(tiny_store, truth, tmp_path):
         m["embedding"]["probes"]["salient"])
     assert m["embedding"]["subgroups"]["subjects"] >= 3
     assert 0.0 <= m["counterfactual"]["detection"]["auprc"] <= 1.0
+    # 2 queries form no square token grid: the support is the whole image, the same figures
+    assert m["counterfactual"]["detection_in_support"] == m["counterfactual"]["detection"]
     assert m["timing"]["seconds_per_subject_volume"] > 0
 
 

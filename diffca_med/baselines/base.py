@@ -70,6 +70,11 @@ class Method:
         """
         raise TypeError(f"{self.name} makes no counterfactuals")
 
+    def anomaly_support(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray | None:
+        """Where the method itself places the anomaly: bool ``(N, H, W)``, or None (it
+        does not localise; the whole image counts)."""
+        return None
+
     @staticmethod
     def _generate_in_batches(
         images: np.ndarray,

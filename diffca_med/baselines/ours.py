@@ -50,6 +50,12 @@ class DiffCAMethod(Method):
 
         return self._generate_in_batches(images, batch_size, generate, progress)
 
+    def anomaly_support(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The model's salient support (``DiffCAModel.salient_support``), bool (N, H, W)."""
+        from diffca_med.analysis.counterfactuals import salient_support
+
+        return salient_support(self.model, images, batch_size)
+
     @torch.no_grad()
     def embed(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
         sal, com = [], []

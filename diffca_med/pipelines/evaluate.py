@@ -12,7 +12,10 @@ For the held-out subjects of a store (``split``, default ``test``):
 * **anomaly detection** (``|input − pseudo-healthy|``,
   :func:`diffca_med.analysis.anomaly.anomaly_map`) against the tumour mask:
   pixel-level AUPRC and best Dice inside the brain, Dice at the threshold that is best
-  on the ``threshold_split`` (default ``val``) subjects, slice-level AUROC;
+  on the ``threshold_split`` (default ``val``) subjects, slice-level AUROC; for a
+  method that localises the anomaly itself (``Method.anomaly_support``: Diff-CA's
+  salient support) the same figures of the map kept only there
+  (``detection_in_support``), the anomaly mask ``pseudo-healthy`` writes by default;
 * **disentanglement** (methods that make embeddings): subject-grouped 5-fold probes
   of the set label, phantom subtype and tumour hemisphere (balanced accuracy) and of
   slice position and brain area (R²), from the salient embedding and, where the
@@ -293,26 +296,40 @@ def _counterfactual_metrics(
             out[f"input_tumour_{key}"] = _nanmean([r.get(f"input_tumour_{key}") for r in per_subject])
         out["twin_subjects"] = int(sum("tumour_psnr" in r for r in per_subject))
 
+    val = None
+    if len(val_rows):
+        v_img = _store_images(store, val_rows, ch)
+        v_ph = _run_counterfactuals(method, v_img, opts, f"{method.name}: pseudo-healthy ({opts.threshold_split})")
+        v_brain = np.asarray(store.brain[val_rows]) > 0
+        val = (anomaly_map(v_img, v_ph, v_brain), np.asarray(store.seg[val_rows]) > 0, v_brain)
+    is_tumour = labels == "tumour"
+    out["detection"] = _detection_metrics(amap, tumour, brain, is_tumour, val)
+    support = method.anomaly_support(images, opts.batch_size)
+    if support is not None:  # the same, with the map kept only where the method localises
+        v_support = method.anomaly_support(v_img, opts.batch_size) if val is not None else None
+        val_s = (val[0] * v_support, val[1], val[2]) if val is not None else None
+        out["detection_in_support"] = _detection_metrics(amap * support, tumour, brain, is_tumour, val_s)
+    out["per_subject"] = per_subject
+    return out
+
+
+def _detection_metrics(amap: np.ndarray, tumour: np.ndarray, brain: np.ndarray, is_tumour: np.ndarray,
+                       val: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """Anomaly-detection figures of a map (N, H, W) against the tumour mask inside the
+    brain; ``val`` = (map, tumour, brain) of the threshold split, or None."""
     detection: dict[str, Any] = {
         "auprc": M.pixel_auprc(amap, tumour, brain),
         "tumour_prevalence": float(tumour[brain].mean()) if brain.any() else float("nan"),
     }
     detection["best_dice"], detection["best_threshold"] = M.best_dice(amap, tumour, brain)
-    is_tumour = labels == "tumour"
     detection["slice_auroc"] = M.slice_auroc(M.slice_scores(amap, brain), is_tumour)
-    if len(val_rows):
-        v_img = _store_images(store, val_rows, ch)
-        v_ph = _run_counterfactuals(method, v_img, opts, f"{method.name}: pseudo-healthy ({opts.threshold_split})")
-        v_brain = np.asarray(store.brain[val_rows]) > 0
-        v_tum = np.asarray(store.seg[val_rows]) > 0
-        _, thr = M.best_dice(anomaly_map(v_img, v_ph, v_brain), v_tum, v_brain)
+    if val is not None:
+        _, thr = M.best_dice(*val)
         detection["val_threshold"] = thr
         detection["dice_at_val_threshold"] = (
             M.dice_at_threshold(amap, tumour, thr, brain) if math.isfinite(thr) else float("nan")
         )
-    out["detection"] = detection
-    out["per_subject"] = per_subject
-    return out
+    return detection
 
 
 def _embedding_metrics(
@@ -430,6 +447,8 @@ TABLE_COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("best Dice", ("counterfactual", "detection", "best_dice"), "{:.3f}"),
     ("Dice @ val thr", ("counterfactual", "detection", "dice_at_val_threshold"), "{:.3f}"),
     ("slice AUROC", ("counterfactual", "detection", "slice_auroc"), "{:.3f}"),
+    ("pixel AUPRC in own support", ("counterfactual", "detection_in_support", "auprc"), "{:.3f}"),
+    ("Dice @ val thr in own support", ("counterfactual", "detection_in_support", "dice_at_val_threshold"), "{:.3f}"),
     ("set probe: salient", ("embedding", "probes", "salient", "set_label"), "{:.3f}"),
     ("set probe: common", ("embedding", "probes", "common", "set_label"), "{:.3f}"),
     ("subtype probe: salient", ("embedding", "probes", "salient", "subtype"), "{:.3f}"),
