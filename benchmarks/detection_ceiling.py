@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -62,12 +61,11 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch import nn
 
 from diffca_med.analysis.probes import classification_probe
-from diffca_med.data.store import SliceStore, min_tumour_pixels
+from diffca_med.data.store import SliceStore
 from diffca_med.models.diffca import DiffCAModel
+from diffca_med.models.split import image_logits
+from model_quality import FRINGE_FRACTION, batched  # benchmarks/ is the script's folder
 
-#: a tumour slice with tumour on less than this fraction of its pixels is lesion fringe
-#: (the same cut as benchmarks/model_quality.py)
-FRINGE_FRACTION = 0.03
 
 
 def _pooled(h: torch.Tensor) -> torch.Tensor:
@@ -109,18 +107,12 @@ class TokenGridClassifier(nn.Module):
         return self.head(f).squeeze(1), f
 
 
-def _batched(fn, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def representations(store: SliceStore, rows: np.ndarray, model=None) -> dict[str, torch.Tensor]:
-    """Arm name → inputs (N, ...) of the classifier for store ``rows``."""
-    x = torch.from_numpy(np.asarray(store.images[rows], np.float32))
+def representations(x: torch.Tensor, model=None, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Arm name → inputs (N, ...) of the classifier, from images x (N, C, H, W) and, with
+    a model, their stage-1 tokens (N, T, D)."""
     out = {"pixels": x}
     if model is not None:
-        tokens = _batched(model.conditioner, x)
-        render = _batched(model.denoiser.render, tokens) if model.config.render_prior else None
+        render = batched(model.denoiser.render, tokens) if model.config.render_prior else None
         if render is not None:
             out["render"] = ((render + 1) / 2).clamp(0, 1) if model.vae is None else render
         k = model.config.n_queries
@@ -160,8 +152,7 @@ def split_labels(store: SliceStore, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     """(labels 0/1, lesion-fringe mask, subject ids) of store ``rows``."""
     index = store.index.iloc[rows]
     y = (index["label"].to_numpy() == "tumour").astype(int)
-    fringe = (y == 1) & (index["tumour_pixels"].to_numpy() < min_tumour_pixels(store.size, FRINGE_FRACTION))
-    return y, fringe, index["subject"].to_numpy()
+    return y, store.thin_tumour(rows, FRINGE_FRACTION), index["subject"].to_numpy()
 
 
 def score(logits: np.ndarray, features: np.ndarray | None, y: np.ndarray, fringe: np.ndarray,
@@ -179,18 +170,14 @@ def score(logits: np.ndarray, features: np.ndarray | None, y: np.ndarray, fringe
     }
 
 
-def model_arm(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """The model's own detector image logits (N,) and salient embeddings (N, d), or None
-    when its split has no detector."""
-    k = model.config.n_queries
-    enc = [model.encode(x[i : i + 256]) for i in range(0, len(x), 256)]
-    tokens = torch.cat([e.tokens for e in enc])
+def model_arm(model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """The model's own detector image logits (N,) and salient embeddings (N, d) from the
+    stage-1 tokens (N, T, D), or None when its split has no detector."""
     if not hasattr(model.split, "gate_logits"):
         return None
-    with torch.no_grad():
-        logits = _batched(model.split.gate_logits, tokens)
-    image_logit = torch.logsumexp(logits, dim=1) - math.log(k)
-    return image_logit.numpy(), torch.cat([e.salient_embedding for e in enc]).numpy()
+    logits = batched(model.split.gate_logits, tokens)
+    embeddings = batched(lambda z: model.split(z).salient_embedding, tokens)
+    return image_logits(logits).numpy(), embeddings.numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = SliceStore(args.store)
     model = DiffCAModel.from_pretrained(args.model).eval() if args.model is not None else None
+    def inputs_of(rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        x = torch.from_numpy(np.asarray(store.images[rows], np.float32))
+        tokens = batched(model.conditioner, x) if model is not None else None
+        return representations(x, model, tokens), tokens
+
     train_rows = store.rows(split="train")
     y_train = split_labels(store, train_rows)[0]
-    train_inputs = representations(store, train_rows, model)
-    evals = {split: (representations(store, store.rows(split=split), model),
-                     split_labels(store, store.rows(split=split))) for split in ("test", "val")}
+    train_inputs = inputs_of(train_rows)[0]
+    evals = {split: (*inputs_of(store.rows(split=split)), split_labels(store, store.rows(split=split)))
+             for split in ("test", "val")}
     results: dict[str, dict] = {}
     for arm, x_train in train_inputs.items():
         runs = []
@@ -216,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             clf = train_classifier(arm, x_train, y_train, args.steps, args.batch_size, seed)
             row = {"seed": seed, "train_s": round(time.perf_counter() - t0, 1)}
-            for split, (inputs, (y, fringe, subjects)) in evals.items():
+            for split, (inputs, _, (y, fringe, subjects)) in evals.items():
                 with torch.no_grad():
                     logits, feats = clf(inputs[arm])
                 row[split] = score(logits.numpy(), feats.numpy(), y, fringe, subjects)
@@ -225,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         results[arm] = {split: {k: round(float(np.mean([r[split][k] for r in runs])), 3) for k in runs[0][split]}
                         for split in evals} | {"runs": runs}
     if model is not None:
-        for split, (inputs, (y, fringe, subjects)) in evals.items():
-            arm = model_arm(model, inputs["pixels"])
+        for split, (_, tokens, (y, fringe, subjects)) in evals.items():
+            arm = model_arm(model, tokens)
             if arm is not None:
                 logits, emb = arm
                 row = score(logits, None, y, fringe, subjects)

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from diffca_med.analysis.probes import classification_probe
-from diffca_med.data.store import min_tumour_pixels
 
 #: a tumour slice with tumour on less than this fraction of its pixels is lesion fringe
 FRINGE_FRACTION = 0.03
@@ -96,8 +95,10 @@ def _other_subject_permutation(subjects: np.ndarray) -> np.ndarray:
     return perm
 
 
-def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
+def batched(fn, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """``fn`` over ``x`` in batches of ``batch`` (no gradients), concatenated."""
+    with torch.no_grad():
+        return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
 
 
 def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,
@@ -123,9 +124,9 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
 
         ref = window(x.numpy())
         t0 = time.perf_counter()
-        fresh = _batched(lambda b: model.reconstruct(b, noise="fresh", steps=steps, seed=seed), x, batch)
+        fresh = batched(lambda b: model.reconstruct(b, noise="fresh", steps=steps, seed=seed), x, batch)
         dt = time.perf_counter() - t0
-        inverted = _batched(lambda b: model.reconstruct(b, noise="inverted", steps=steps, seed=seed), x, batch)
+        inverted = batched(lambda b: model.reconstruct(b, noise="inverted", steps=steps, seed=seed), x, batch)
         perm = _other_subject_permutation(subjects_all[pick])
         with torch.no_grad():
             tokens = torch.cat([model.encode(x[i:i + batch]).combined for i in range(0, len(x), batch)])
@@ -159,7 +160,7 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
             return classification_probe(features[keep], labels_all[keep], subjects_all[keep], seed=seed)
 
         # lesion-fringe tumour slices (a few oedema pixels) are where a probe fails
-        core = (labels_all == 0) | (index["tumour_pixels"].to_numpy() >= min_tumour_pixels(store.size, FRINGE_FRACTION))
+        core = ~store.thin_tumour(rows, FRINGE_FRACTION)
         out["probes"] = {
             "salient_embedding_bacc": probe(sal),
             "common_pooled_bacc": probe(com),

@@ -194,6 +194,13 @@ class SliceStore:
             mask &= (self.index["subject"] == subject).to_numpy()
         return np.flatnonzero(mask)
 
+    def thin_tumour(self, rows: np.ndarray, min_tumour_fraction: float) -> np.ndarray:
+        """bool (len(rows),): which of ``rows`` are tumour slices whose tumour covers less
+        than ``min_tumour_fraction`` of the slice (size² pixels) — lesion fringes."""
+        index = self.index.iloc[rows]
+        return (index["label"] == "tumour").to_numpy() & (
+            index["tumour_pixels"].to_numpy() < min_tumour_pixels(self.size, min_tumour_fraction))
+
     def axial_position(self) -> np.ndarray:
         """Each row's slice position within its subject's stored slices, in [0, 1] (N,).
 
@@ -268,10 +275,7 @@ class SliceDataset(Dataset):
         self.label_names = tuple(labels) if labels is not None else LABELS
         self.indices = self.store.rows(split=split, labels=labels)
         if min_tumour_fraction > 0:  # drop thinner tumour slices (lesion fringes)
-            index = self.store.index.iloc[self.indices]
-            thin = (index["label"] == "tumour").to_numpy() & (
-                index["tumour_pixels"].to_numpy() < min_tumour_pixels(self.store.size, min_tumour_fraction))
-            self.indices = self.indices[~thin]
+            self.indices = self.indices[~self.store.thin_tumour(self.indices, min_tumour_fraction)]
         codes = self.store.index["label"].map(LABEL_CODES).to_numpy()
         self.labels = codes[self.indices].astype(np.int64)
 

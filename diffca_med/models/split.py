@@ -183,6 +183,12 @@ class InpaintSplitEncoder(nn.Module):
         return torch.cat([mean, torch.log1p(mass)], dim=1)
 
 
+def image_logits(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Image-level lesion logits (B,) from per-token logits (B, K): their log-mean-exp
+    (multiple-instance pooling: one confident token suffices, many weak ones add up)."""
+    return torch.logsumexp(gate_logits, dim=1) - math.log(gate_logits.shape[1])
+
+
 def cross_dilate(g: torch.Tensor, steps: int) -> torch.Tensor:
     """Grey dilation of maps (B, H, W) by the 4-neighbour cross, ``steps`` times."""
     for _ in range(steps):
@@ -359,9 +365,7 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
             salient_head(out.salient_embedding).squeeze(1), labels.float()
         )
     if isinstance(split, InpaintSplitEncoder):
-        k = out.gate_logits.shape[1]
-        image_logit = torch.logsumexp(out.gate_logits, dim=1) - math.log(k)
-        terms["detect"] = F.binary_cross_entropy_with_logits(image_logit, labels.float())
+        terms["detect"] = F.binary_cross_entropy_with_logits(image_logits(out.gate_logits), labels.float())
         if bg.any():
             zh = tokens[bg]
             mask = random_blocks(zh.shape[0], split.side, zh.shape[1], generator, zh.device)
