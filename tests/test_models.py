@@ -187,6 +187,33 @@ def test_inpaint_split_toy_gates_only_the_lesion_tokens():
     assert on_lesion > 0.8 and elsewhere < 0.1, (float(on_lesion), float(elsewhere))
 
 
+def test_adversarial_fill_routes_the_set_losses_to_the_in_painter():
+    """``adversarial_fill``: the adversary's reversed gradient reaches the in-painter
+    (not only the gate), the MMD term reaches the in-painter but not the detector;
+    the common tokens themselves are the same values either way."""
+    torch.manual_seed(0)
+    base = dict(n_queries=16, split_mode="inpaint", gate_dilation=0, w_mmd=1.0)
+    split = InpaintSplitEncoder(tiny(**base))
+    adv, grl = Adversary(tiny(**base)), GRLController(tiny(**base))
+    z, y = torch.randn(8, 17, 16), torch.arange(8) % 2
+
+    def grads(term: str, **kw) -> dict[str, float]:
+        split.zero_grad()
+        terms, out, _ = split_losses(split, adv, grl, z, y, tiny(**base, **kw), update_controller=False,
+                                     generator=torch.Generator().manual_seed(0))
+        terms[term].backward()
+        norm = lambda ps: float(sum(p.grad.abs().sum() for p in ps if p.grad is not None))
+        return {"painter": norm(split.painter_out.parameters()), "detector": norm(split.detector.parameters()),
+                "common": out.common.detach()}
+
+    off, on = grads("adv"), grads("adv", adversarial_fill=True)
+    assert off["painter"] == 0 and on["painter"] > 0 and on["detector"] > 0
+    assert torch.allclose(off["common"], on["common"])
+    mmd_off, mmd_on = grads("mmd"), grads("mmd", adversarial_fill=True)
+    assert mmd_off["painter"] == 0 and mmd_off["detector"] > 0
+    assert mmd_on["painter"] > 0 and mmd_on["detector"] == 0
+
+
 def test_salient_support_is_the_image_cell_of_each_gated_token():
     torch.manual_seed(0)
     model = DiffCAModel(tiny(n_queries=16, split_mode="inpaint", gate_dilation=0, gate_threshold=0.5)).eval()

@@ -21,7 +21,7 @@ CANONICAL_MODALITIES = ("t1", "t1c", "t2", "flair")
 #: Fields that shape only stage 2 (the split, adversary and their losses): a new stage-2
 #: run on top of a trained stage 1 takes these from the YAML, the rest from stage 1.
 STAGE2_FIELDS = (
-    "split_mode", "gate_dilation", "gate_threshold", "w_detect", "w_inpaint", "w_salient_rec", "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
+    "split_mode", "gate_dilation", "gate_threshold", "w_detect", "w_inpaint", "w_salient_rec", "adversarial_fill", "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
     "grl_max", "grl_gain", "grl_target", "grl_ema", "grl_warmup_steps", "w_token_rec", "w_bg_salient",
     "w_adv", "w_denoise", "w_mmd", "w_salient_cls",
 )
@@ -129,6 +129,12 @@ class ModelConfig:
     """``inpaint``: masked-token reconstruction of the in-painter on healthy images."""
     w_salient_rec: float = 1.0
     """``inpaint``: reconstruction of the salient summary from the salient embedding."""
+    adversarial_fill: bool = False
+    """``inpaint``: the adversary's reversed gradient (and the MMD term, if weighted)
+    also trains the in-painter, so filled lesion tokens cannot be told from healthy
+    tokens; its masked-token loss on healthy images keeps the fill healthy. Without
+    it the fill is a plain regression (a detectable signature) and the adversary's
+    gradient reaches only the gate."""
     salient_dim: int = 16
     """Dimension d of the salient embedding (from the CLS token)."""
     split_depth: int = 2

@@ -159,7 +159,8 @@ class InpaintSplitEncoder(nn.Module):
 
     def gated_salient(self, tokens: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """g·(Z − fill) (B, T, D) for a gate (B, T), soft or thresholded; the fill is detached, so the other
-        stage-2 losses reach the gate, not the painter (a healthy prior)."""
+        stage-2 losses reach the gate, not the painter (a healthy prior; ``adversarial_fill``
+        lets the adversary and MMD terms reach it in :func:`split_losses`)."""
         fill = self.inpaint(tokens, gate.detach()).detach()
         return gate[..., None] * (tokens - fill)
 
@@ -341,7 +342,8 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
     the single ``adv`` term through :func:`grad_reverse`. The in-painting split adds
     ``detect`` (image logit = log-mean-exp of the token logits vs the label),
     ``inpaint`` (masked-token MSE on healthy images, random blocks from ``generator``)
-    and ``salient_rec`` (the salient summary decoded back from s).
+    and ``salient_rec`` (the salient summary decoded back from s); with
+    ``config.adversarial_fill`` the ``adv`` and ``mmd`` terms see Ẑ_C with a live fill.
     """
     out = split(tokens)
     bg = labels == 0
@@ -353,12 +355,21 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
         terms["bg_salient"] = out.salient[bg].pow(2).mean()
     else:
         terms["bg_salient"] = zhat.new_zeros(())
-    logits = adversary(grad_reverse(out.common, float(controller.weight)))
+    common, common_to_match = out.common, out.common
+    if config.adversarial_fill and isinstance(split, InpaintSplitEncoder):
+        # the same values with a live fill: the reversed gradient reaches the gate and
+        # the in-painter, the MMD term only the in-painter (pulling the gate would
+        # trade lesion detection for matched statistics)
+        g = out.gate[..., None]
+        fill = split.inpaint(tokens, out.gate.detach())
+        common = (1 - g) * tokens + g * fill
+        common_to_match = (1 - g.detach()) * tokens + g.detach() * fill
+    logits = adversary(grad_reverse(common, float(controller.weight)))
     terms["adv"] = F.binary_cross_entropy_with_logits(logits, labels.float())
     acc = ((logits.detach() > 0).long() == labels).float().mean()
     if config.w_mmd > 0:
         pool = config.adversary_pooling
-        a, b = pool_tokens(out.common[tg], pool), pool_tokens(tokens[bg], pool)
+        a, b = pool_tokens(common_to_match[tg], pool), pool_tokens(tokens[bg], pool)
         terms["mmd"] = mmd_rbf(a, b) + mean_gap(a, b)
     if config.w_salient_cls > 0 and salient_head is not None:
         terms["salient_cls"] = F.binary_cross_entropy_with_logits(
