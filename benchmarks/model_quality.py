@@ -22,6 +22,9 @@ Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
   area: a confound the common anatomy legitimately carries); the salient probe again
   without the lesion-fringe slices (tumour on < 3 % of the slice), to show where it
   fails; the adversary's accuracy on these slices and the controller's GRL weight;
+  a *fresh* adversary (same architecture, trained from scratch on the training
+  subjects' Ẑ_C, balanced batches) and its balanced accuracy here: the GRL holds the
+  co-trained adversary near chance, this shows what a new classifier still finds;
 * sampling speed in images/second.
 """
 
@@ -101,6 +104,42 @@ def batched(fn, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
         return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)], dim=0)
 
 
+def fresh_adversary(model, store, test_c: torch.Tensor, test_y: np.ndarray, steps: int = 1000,
+                    seed: int = 0) -> dict:
+    """Train a new :class:`~diffca_med.models.split.Adversary` (the model's config)
+    on the training subjects' Ẑ_C (16 + 16 slices a step, AdamW 1e-3) and score it on
+    held-out Ẑ_C ``test_c`` (N, T, D) with labels ``test_y`` (N,) 1 = tumour: its mean
+    batch accuracy over the last half of training (as the training log reports the
+    co-trained one) and its balanced accuracy on the held-out slices."""
+    from diffca_med.models.split import Adversary
+
+    torch.manual_seed(seed)
+    rows = store.rows(split="train", labels=("healthy", "tumour"))
+    x = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))
+    train_c = batched(lambda b: model.encode(b).common, x)
+    train_y = (store.index.iloc[rows]["label"].to_numpy() == "tumour").astype(int)
+    adversary = Adversary(model.config)
+    opt = torch.optim.AdamW(adversary.parameters(), lr=1e-3)
+    pos, neg = np.flatnonzero(train_y == 1), np.flatnonzero(train_y == 0)
+    rng = np.random.default_rng(seed)
+    y_all = torch.from_numpy(train_y).float()
+    accs = []
+    for _ in range(steps):
+        pick = np.concatenate([rng.choice(pos, 16), rng.choice(neg, 16)])
+        logits = adversary(train_c[pick])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_all[pick])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        accs.append(float(((logits.detach() > 0).float() == y_all[pick]).float().mean()))
+    adversary.eval()
+    with torch.no_grad():
+        pred = (adversary(test_c) > 0).long().numpy()
+    recall = [float((pred[test_y == c] == c).mean()) for c in (0, 1)]
+    return {"fresh_adversary_train_acc": float(np.mean(accs[steps // 2:])),
+            "fresh_adversary_bacc": float(np.mean(recall))}
+
+
 def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,
              seed: int = 0, batch: int = 32, probes: bool = True, reconstruction: bool = True) -> dict:
     """All figures of the module docstring as a JSON-ready dict."""
@@ -174,6 +213,7 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
             "grl_weight": float(model.grl.weight),
             "salient_sq_healthy": float(sal_norm[labels_all == 0].mean()),
             "salient_sq_tumour": float(sal_norm[labels_all == 1].mean()),
+            **fresh_adversary(model, store, commons, labels_all, seed=seed),
         }
     return out
 
