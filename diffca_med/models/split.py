@@ -31,14 +31,16 @@ from diffca_med.models.config import ModelConfig
 @dataclass
 class SplitOutput:
     """common (B, T, D), salient (B, T, D), salient_embedding (B, d); for the
-    in-painting split also the token gate (B, T) in [0, 1] and the detector's
-    per-token logits (B, K)."""
+    in-painting split also the token gate (B, T) in [0, 1], the detector's
+    per-token logits (B, K) and the in-painter's fill (B, T, D) for that gate, with
+    its gradient (common and salient use it detached)."""
 
     common: torch.Tensor
     salient: torch.Tensor
     salient_embedding: torch.Tensor
     gate: torch.Tensor | None = None
     gate_logits: torch.Tensor | None = None
+    fill: torch.Tensor | None = None
 
 
 def _transformer(config: ModelConfig, depth: int) -> nn.TransformerEncoder:
@@ -157,24 +159,25 @@ class InpaintSplitEncoder(nn.Module):
         h = torch.cat([self.cls.expand(salient.shape[0], -1, -1), salient], dim=1)
         return self.to_embedding(self.norm(self.summariser(h)[:, 0]))
 
-    def gated_salient(self, tokens: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """g·(Z − fill) (B, T, D) for a gate (B, T), soft or thresholded; the fill is detached, so the other
-        stage-2 losses reach the gate, not the painter (a healthy prior; ``adversarial_fill``
-        lets the adversary and MMD terms reach it in :func:`split_losses`)."""
-        fill = self.inpaint(tokens, gate.detach()).detach()
-        return gate[..., None] * (tokens - fill)
+    def gated_salient(self, tokens: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g·(Z − fill), fill), both (B, T, D), for a gate (B, T), soft or thresholded. The
+        salient part takes the fill detached, so the other stage-2 losses reach the gate, not
+        the painter (a healthy prior; ``adversarial_fill`` lets the adversary and MMD terms
+        reach it through the returned fill in :func:`split_losses`)."""
+        fill = self.inpaint(tokens, gate.detach())
+        return gate[..., None] * (tokens - fill.detach()), fill
 
     def forward(self, tokens: torch.Tensor) -> SplitOutput:
         logits = self.gate_logits(tokens)
         gate = self.gate_from_logits(logits)
-        salient = self.gated_salient(tokens, gate)
+        salient, fill = self.gated_salient(tokens, gate)
         # s is trained on soft gates; in use it still sees them, not the thresholded gate
         # that Ẑ_S takes (on the synthetic cohort's test slices: healthy/tumour probe on s
         # 0.725 from thresholded gates, 0.844 from soft ones; probe folds by slice)
         soft = salient if self.training or self.threshold <= 0 else \
-            self.gated_salient(tokens, self.gate_from_logits(logits, sparse=False))
-        return SplitOutput(common=tokens - salient, salient=salient,
-                           salient_embedding=self.embed(soft), gate=gate, gate_logits=logits)
+            self.gated_salient(tokens, self.gate_from_logits(logits, sparse=False))[0]
+        return SplitOutput(common=tokens - salient, salient=salient, salient_embedding=self.embed(soft),
+                           gate=gate, gate_logits=logits, fill=fill)
 
     def salient_summary(self, salient: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """What s must encode (B, D+1): the gate-weighted mean salient token and the
@@ -360,8 +363,7 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
         # the same values with a live fill: the reversed gradient reaches the gate and
         # the in-painter, the MMD term only the in-painter (pulling the gate would
         # trade lesion detection for matched statistics)
-        g = out.gate[..., None]
-        fill = split.inpaint(tokens, out.gate.detach())
+        g, fill = out.gate[..., None], out.fill
         common = (1 - g) * tokens + g * fill
         common_to_match = (1 - g.detach()) * tokens + g.detach() * fill
     logits = adversary(grad_reverse(common, float(controller.weight)))
