@@ -260,6 +260,45 @@ def test_stage_losses_and_freezing():
     assert model.trainable_parameters(0) == []  # pixel space: no stage 0
 
 
+def test_lesion_evidence_teaches_the_tokens_to_keep_a_small_lesion(tmp_path):
+    """Stage 1 with ``lesion_evidence_weight``: a 2 x 2-pixel bright spot on a textured
+    16² image (1.6 % of the slice) must become visible to the linear token probe, the
+    probe is saved with the model, and a model without the option has no probe."""
+    torch.manual_seed(0)
+    model = DiffCAModel(tiny(lesion_evidence_weight=1.0))
+    assert DiffCAModel(tiny()).lesion_probe is None
+
+    def batch(n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = 0.3 + 0.2 * torch.rand(n, 2, 16, 16, generator=g)
+        y = torch.arange(n) % 2
+        r, c = torch.randint(2, 14, (2, n), generator=g)
+        for i in torch.nonzero(y).squeeze(1).tolist():
+            x[i, :, r[i]:r[i] + 2, c[i]:c[i] + 2] = 0.95
+        return x, y
+
+    model.set_stage(1)
+    opt = torch.optim.Adam(model.trainable_parameters(1), lr=3e-3)
+    for step in range(150):
+        out = model.stage_loss(1, *batch(seed=step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert "lesion" in out and model.lesion_probe.weight.grad is not None
+    model.eval().requires_grad_(False)
+    x, y = batch(64, seed=999)
+    from diffca_med.models.split import image_logits
+    with torch.no_grad():
+        logits = image_logits(model.lesion_probe(model.conditioner(x)[:, :4]).squeeze(-1))
+    accuracy = ((logits > 0).long() == y).float().mean()
+    assert accuracy >= 0.9, float(accuracy)
+    model.save_pretrained(tmp_path / "m")
+    loaded = DiffCAModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.lesion_probe.weight, model.lesion_probe.weight)
+    with pytest.raises(ConfigError, match="lesion_evidence_weight"):
+        tiny(lesion_evidence_weight=-1.0).validate()
+
+
 def test_save_load_roundtrip_and_seed(tmp_path):
     torch.manual_seed(0)
     model = DiffCAModel(tiny())

@@ -111,6 +111,12 @@ class ModelConfig:
     # --- stage-1 loss -----------------------------------------------------------------
     render_loss_weight: float = 1.0
     """Weight of the direct MSE between the render decoder's output and the target."""
+    lesion_evidence_weight: float = 0.0
+    """> 0: stage 1 also trains a linear per-token lesion probe (``DiffCAModel.lesion_probe``)
+    from the image labels (multiple instance: image logit = log-mean-exp of the K token
+    logits, class-balanced BCE), with this weight. A departure from the paper's label-free
+    stage 1 that uses only the labels the method already has: the denoising loss alone lets
+    small lesions (a few pixels) go from the tokens, and stage 2 cannot split what Z lacks."""
 
     # --- stage 2: common/salient split ---------------------------------------------
     split_mode: str = "additive"
@@ -246,6 +252,8 @@ class ModelConfig:
             bad("adversary_pooling", "must be 'mean' or 'flat'")
         if self.residual_diffusion and not self.render_prior:
             bad("residual_diffusion", "needs render_prior: true")
+        if self.lesion_evidence_weight < 0:
+            bad("lesion_evidence_weight", "must be >= 0")
         if self.residual_scale <= 0:
             bad("residual_scale", "must be > 0")
         if self.query_window < -1:

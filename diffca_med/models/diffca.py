@@ -5,6 +5,7 @@ Parts (all ``nn.Module`` attributes):
 * ``vae`` — AutoencoderKL (latent space only; stage 0);
 * ``conditioner`` — image → tokens Z (B, T, D), T = K + 1 (stage 1);
 * ``denoiser`` — the token-conditioned U-Net (+ its token renderer) (stage 1);
+* ``lesion_probe`` — a linear per-token lesion probe, only with ``lesion_evidence_weight`` > 0 (stage 1);
 * ``split``, ``adversary``, ``grl``, ``salient_head`` — stage 2.
 
 Inputs ``x`` are float (B, C, H, W) in [0, 1], channels in ``config.modalities``
@@ -44,6 +45,7 @@ from diffca_med.models.split import (
     GRLController,
     InpaintSplitEncoder,
     SplitEncoder,
+    image_logits,
     split_losses,
     weighted_loss,
 )
@@ -143,6 +145,20 @@ def denoising_losses(denoiser: Denoiser, noised: tuple[torch.Tensor, torch.Tenso
     return out
 
 
+def lesion_evidence_loss(probe: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Class-balanced multiple-instance BCE of a per-token lesion probe.
+
+    ``tokens`` (B, K, D) semantic tokens, ``labels`` (B,) 0 healthy / 1 tumour. The
+    image logit is the log-mean-exp of the K token logits (:func:`split.image_logits`,
+    the stage-2 detector's rule); each class present in the batch weighs half, so the
+    store's share of tumour slices does not set the operating point.
+    """
+    logits = image_logits(probe(tokens).squeeze(-1))
+    per_image = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    classes = [per_image[labels == c].mean() for c in (0, 1) if bool((labels == c).any())]
+    return torch.stack(classes).mean()
+
+
 class DiffCAModel(nn.Module):
     """The Diff-CA model for ``config`` (see module docstring for its parts)."""
 
@@ -161,6 +177,8 @@ class DiffCAModel(nn.Module):
                 self.vae = build_autoencoder(config)
         self.conditioner = ConditioningEncoder(config, vit=_vit)
         self.denoiser = Denoiser(config)
+        # stage-1 lesion probe on the semantic tokens (only built when it is trained)
+        self.lesion_probe = nn.Linear(config.token_dim, 1) if config.lesion_evidence_weight > 0 else None
         self.split = InpaintSplitEncoder(config) if config.split_mode == "inpaint" else SplitEncoder(config)
         self.adversary = Adversary(config)
         self.grl = GRLController(config)
@@ -185,7 +203,7 @@ class DiffCAModel(nn.Module):
         if stage == 0:
             return [self.vae] if self.vae is not None else []
         if stage == 1:
-            return [self.conditioner, self.denoiser]
+            return [m for m in (self.conditioner, self.denoiser, self.lesion_probe) if m is not None]
         if stage == 2:
             return [self.split, self.adversary, self.grl, self.salient_head]
         raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
@@ -193,7 +211,8 @@ class DiffCAModel(nn.Module):
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Parameters the optimiser of ``stage`` updates (empty for stage 0 in pixel space)."""
         if stage == 1:
-            return self.conditioner.trainable_parameters() + list(self.denoiser.parameters())
+            probe = list(self.lesion_probe.parameters()) if self.lesion_probe is not None else []
+            return self.conditioner.trainable_parameters() + list(self.denoiser.parameters()) + probe
         params: list[nn.Parameter] = []
         for m in self.stage_modules(stage):
             params += list(m.parameters())
@@ -236,7 +255,7 @@ class DiffCAModel(nn.Module):
         if stage == 0:
             return self._stage0_loss(images, generator)
         if stage == 1:
-            return self._stage1_loss(images, generator)
+            return self._stage1_loss(images, labels, generator)
         if stage == 2:
             return self._stage2_loss(images, labels, generator)
         raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
@@ -271,13 +290,18 @@ class DiffCAModel(nn.Module):
             return prior + r / self.config.residual_scale
         return r
 
-    def _stage1_loss(self, images, generator):
+    def _stage1_loss(self, images, labels, generator):
         x0 = self.to_diffusion(images)
         tokens = self.conditioner(images)
         prior = self.denoiser.render(tokens)
         noised = noised_batch(self._diffusion_target(x0, prior), self.alphas_cumprod,
                               self.config.prediction_type, generator)
-        return denoising_losses(self.denoiser, noised, x0, tokens, prior, self.config.render_loss_weight)
+        out = denoising_losses(self.denoiser, noised, x0, tokens, prior, self.config.render_loss_weight)
+        if self.lesion_probe is not None:
+            evidence = lesion_evidence_loss(self.lesion_probe, tokens[:, :self.config.n_queries], labels)
+            out["loss"] = out["loss"] + self.config.lesion_evidence_weight * evidence
+            out["lesion"] = evidence.detach()
+        return out
 
     def _stage2_loss(self, images, labels, generator):
         cfg = self.config
