@@ -15,6 +15,7 @@ from diffca_med.models.split import (
     GRLController,
     InpaintSplitEncoder,
     SplitEncoder,
+    image_logits,
     split_losses,
     weighted_loss,
 )
@@ -287,7 +288,6 @@ def test_lesion_evidence_teaches_the_tokens_to_keep_a_small_lesion(tmp_path):
     assert "lesion" in out and model.lesion_probe.weight.grad is not None
     model.eval().requires_grad_(False)
     x, y = batch(64, seed=999)
-    from diffca_med.models.split import image_logits
     with torch.no_grad():
         logits = image_logits(model.lesion_probe(model.conditioner(x)[:, :4]).squeeze(-1))
     accuracy = ((logits > 0).long() == y).float().mean()

@@ -211,8 +211,8 @@ class DiffCAModel(nn.Module):
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Parameters the optimiser of ``stage`` updates (empty for stage 0 in pixel space)."""
         if stage == 1:
-            probe = list(self.lesion_probe.parameters()) if self.lesion_probe is not None else []
-            return self.conditioner.trainable_parameters() + list(self.denoiser.parameters()) + probe
+            rest = [p for m in self.stage_modules(1)[1:] for p in m.parameters()]
+            return self.conditioner.trainable_parameters() + rest
         params: list[nn.Parameter] = []
         for m in self.stage_modules(stage):
             params += list(m.parameters())
