@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
 from diffca_med.analysis.probes import classification_probe
 
@@ -135,9 +136,8 @@ def fresh_adversary(model, store, test_c: torch.Tensor, test_y: np.ndarray, step
     adversary.eval()
     with torch.no_grad():
         pred = (adversary(test_c) > 0).long().numpy()
-    recall = [float((pred[test_y == c] == c).mean()) for c in (0, 1)]
     return {"fresh_adversary_train_acc": float(np.mean(accs[steps // 2:])),
-            "fresh_adversary_bacc": float(np.mean(recall))}
+            "fresh_adversary_bacc": float(balanced_accuracy_score(test_y, pred))}
 
 
 def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,

@@ -114,7 +114,7 @@ class ModelConfig:
     lesion_evidence_weight: float = 0.0
     """> 0: stage 1 also trains a linear per-token lesion probe (``DiffCAModel.lesion_probe``)
     from the image labels (multiple instance: image logit = log-mean-exp of the K token
-    logits, class-balanced BCE), with this weight. A departure from the paper's label-free
+    logits, BCE), with this weight. A departure from the paper's label-free
     stage 1 that uses only the labels the method already has: the denoising loss alone lets
     small lesions (a few pixels) go from the tokens, and stage 2 cannot split what Z lacks."""
 

@@ -145,20 +145,6 @@ def denoising_losses(denoiser: Denoiser, noised: tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def lesion_evidence_loss(probe: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Class-balanced multiple-instance BCE of a per-token lesion probe.
-
-    ``tokens`` (B, K, D) semantic tokens, ``labels`` (B,) 0 healthy / 1 tumour. The
-    image logit is the log-mean-exp of the K token logits (:func:`split.image_logits`,
-    the stage-2 detector's rule); each class present in the batch weighs half, so the
-    store's share of tumour slices does not set the operating point.
-    """
-    logits = image_logits(probe(tokens).squeeze(-1))
-    per_image = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
-    classes = [per_image[labels == c].mean() for c in (0, 1) if bool((labels == c).any())]
-    return torch.stack(classes).mean()
-
-
 class DiffCAModel(nn.Module):
     """The Diff-CA model for ``config`` (see module docstring for its parts)."""
 
@@ -298,7 +284,9 @@ class DiffCAModel(nn.Module):
                               self.config.prediction_type, generator)
         out = denoising_losses(self.denoiser, noised, x0, tokens, prior, self.config.render_loss_weight)
         if self.lesion_probe is not None:
-            evidence = lesion_evidence_loss(self.lesion_probe, tokens[:, :self.config.n_queries], labels)
+            # the stage-2 detector's multiple-instance rule; stage batches are 1:1 healthy:tumour
+            token_logits = self.lesion_probe(tokens[:, :self.config.n_queries]).squeeze(-1)
+            evidence = F.binary_cross_entropy_with_logits(image_logits(token_logits), labels.float())
             out["loss"] = out["loss"] + self.config.lesion_evidence_weight * evidence
             out["lesion"] = evidence.detach()
         return out
