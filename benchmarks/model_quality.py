@@ -19,7 +19,10 @@ Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
   subject, as slices of one brain are not independent) from the salient embedding
   (target ≥ 0.9) and from the common tokens averaged over tokens (target ≤ 0.65),
   beside the same probe on Z and on the slice position alone (axial index + brain
-  area: a confound the common anatomy legitimately carries); the salient probe again
+  area: a confound the common anatomy legitimately carries), and both again on
+  position-matched subsets (per bin of ``store.axial_position``, 8 bins, as many
+  healthy as tumour slices; mean over 5 draws) where position predicts nothing, to
+  split a common-part leak into anatomy-by-position and lesion; the salient probe again
   without the lesion-fringe slices (tumour on < 3 % of the slice), to show where it
   fails; the adversary's accuracy on these slices and the controller's GRL weight;
   a *fresh* adversary (same architecture, trained from scratch on the training
@@ -140,6 +143,21 @@ def fresh_adversary(model, store, test_c: torch.Tensor, test_y: np.ndarray, step
             "fresh_adversary_bacc": float(balanced_accuracy_score(test_y, pred))}
 
 
+def position_matched(position: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                     bins: int = 8) -> np.ndarray:
+    """Indices of a subset with equal healthy and tumour counts in every position bin.
+
+    ``position`` (N,) in [0, 1] (``SliceStore.axial_position``), ``labels`` (N,) 1 = tumour.
+    """
+    b = np.minimum((position * bins).astype(int), bins - 1)
+    keep = []
+    for k in range(bins):
+        h, t = np.flatnonzero((b == k) & (labels == 0)), np.flatnonzero((b == k) & (labels == 1))
+        n = min(len(h), len(t))
+        keep += [rng.choice(h, n, replace=False), rng.choice(t, n, replace=False)]
+    return np.sort(np.concatenate(keep))
+
+
 def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,
              seed: int = 0, batch: int = 32, probes: bool = True, reconstruction: bool = True) -> dict:
     """All figures of the module docstring as a JSON-ready dict."""
@@ -200,13 +218,19 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
 
         # lesion-fringe tumour slices (a few oedema pixels) are where a probe fails
         core = ~store.thin_tumour(rows, FRINGE_FRACTION)
+        position = index[["slice", "brain_pixels"]].to_numpy(dtype=float)
+        draws = [position_matched(store.axial_position()[rows], labels_all, np.random.default_rng(seed + r))
+                 for r in range(5)]
         out["probes"] = {
             "salient_embedding_bacc": probe(sal),
             "common_pooled_bacc": probe(com),
             "tokens_pooled_bacc": probe(tok),
             # confound baseline: how well slice position alone (axial index, brain area)
             # predicts the label; common anatomy legitimately carries this much
-            "slice_position_bacc": probe(index[["slice", "brain_pixels"]].to_numpy(dtype=float)),
+            "slice_position_bacc": probe(position),
+            "common_pooled_bacc_position_matched": float(np.mean([probe(com, d) for d in draws])),
+            "slice_position_bacc_position_matched": float(np.mean([probe(position, d) for d in draws])),
+            "n_position_matched": int(len(draws[0])),
             "salient_embedding_bacc_without_fringe": probe(sal, core),
             "n_fringe_tumour_slices": int((~core).sum()),
             "adversary_accuracy": float((adv == labels_all).mean()),

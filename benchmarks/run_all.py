@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["identity", "diffca", "cfg_diffusion", "cpca", "diffae_pca"]
+#: evaluations that use the trained Diff-CA run (DiffAE-PCA uses its stage 1)
+DEPENDENTS = ("diffca", "diffca_fresh", "diffae_pca")
 LABELS = {
     "identity": "identity (input unchanged)",
     "diffca": "**Diff-CA (ours)**",
@@ -143,12 +146,10 @@ def main(argv=None) -> None:
     )
     from diffca_med.pipelines.prepare import prepare
     from diffca_med.pipelines.train import prepare_options, resolve_config_path, train
-    from diffca_med.training.config import load_config
+    from diffca_med.training.config import dump_config, load_config
 
     work = args.work
     if args.fresh and work.exists():
-        import shutil
-
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(work, report_only=args.report_only)
@@ -174,6 +175,14 @@ def main(argv=None) -> None:
         res = train(store_dir, cfg, ours_dir, progress=True, info=print, warn=print)
         return {"stages": res.stages, "seconds": round(res.seconds, 2)}
 
+    if (ours_dir / "config.yaml").is_file() and (ours_dir / "config.yaml").read_text() != dump_config(cfg):
+        # the preset (or a --set) changed since the cached run: retrain, and redo what uses it
+        print("[train_diffca] the cached run has another configuration: retraining it and "
+              "re-running the steps that use it", flush=True)
+        for path in (ours_dir, work / "methods" / "diffae_pca", *(work / "eval" / n for n in DEPENDENTS)):
+            shutil.rmtree(path, ignore_errors=True)
+        for name in ("train_diffca", "fit_diffae_pca", *(f"evaluate_{n}" for n in DEPENDENTS)):
+            steps.times.pop(name, None)
     ours_info = steps.run("train_diffca", (ours_dir / "model" / "config.json").is_file(), train_ours)
 
     # 4. CFG baseline
