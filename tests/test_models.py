@@ -61,6 +61,8 @@ def test_config_rejects_unknown_and_bad_values():
         ModelConfig.from_dict({"attention_levels": [1, 0, 1]})
     with pytest.raises(ConfigError, match="must be a number"):
         ModelConfig.from_dict({"grl_gain": "fast"})
+    with pytest.raises(ConfigError, match="intensity_statistics"):
+        tiny(intensity_statistics="moments")
     assert ModelConfig.from_dict({"grl_gain": 1, "dinov3_path": None}).grl_gain == 1
     cfg = ModelConfig.from_dict(tiny().to_dict())
     assert cfg == tiny()
@@ -100,10 +102,33 @@ def test_shapes_and_additive_split():
         model.encode(torch.rand(2, 3, 16, 16))
 
 
+def test_quantile_intensity_statistics_barely_see_a_small_lesion():
+    """The intensity token's statistics of a slice and of the same slice with a bright
+    2 x 2 lesion (2 % of the brain), relative to how much they differ between two
+    healthy slices: the lesion moves the histogram more than another slice does (0.15
+    vs 0.07), the quantiles less than half as much (0.05 vs 0.12)."""
+    from diffca_med.models.conditioning import IntensityToken
+
+    g = torch.Generator().manual_seed(0)
+    brain = 0.3 + 0.2 * torch.rand(2, 2, 16, 16, generator=g)  # two healthy slices
+    brain[:, :, :2] = 0.0
+    lesion = brain[:1].clone()
+    lesion[:, :, 8:10, 8:10] = 0.95
+
+    def moves(kind: str) -> float:
+        token = IntensityToken(tiny(intensity_statistics=kind, intensity_bins=8))
+        (a, sa), (b, sb), (c, sc) = (token.statistics(x) for x in (brain[:1], lesion, brain[1:]))
+        shift = lambda u, v, su, sv: float((u - v).abs().sum() + (su - sv).abs().sum())
+        return shift(a, b, sa, sb) / shift(a, c, sa, sc)
+
+    assert moves("quantiles") < 0.5 and moves("histogram") > 1.5, (moves("quantiles"), moves("histogram"))
+
+
 @pytest.mark.parametrize("options", [
     dict(residual_diffusion=False),
     dict(residual_diffusion=False, render_prior=False, pooled_conditioning=False, query_locality=0.0),
     dict(prediction_type="epsilon"),
+    dict(intensity_statistics="quantiles"),
 ])
 def test_design_variants_train_and_sample(options):
     torch.manual_seed(0)
@@ -213,6 +238,27 @@ def test_adversarial_fill_routes_the_set_losses_to_the_in_painter():
     mmd_off, mmd_on = grads("mmd"), grads("mmd", adversarial_fill=True)
     assert mmd_off["painter"] == 0 and mmd_off["detector"] > 0
     assert mmd_on["painter"] > 0 and mmd_on["detector"] == 0
+
+
+def test_gate_shaped_inpainting_masks_follow_the_tumour_gates():
+    """``inpaint_masks: gates``: healthy images learn to fill the thresholded, dilated
+    gates of the batch's tumour images (cycled); an empty gate keeps its random block."""
+    from diffca_med.models.split import transplanted_gates
+
+    split = InpaintSplitEncoder(tiny(n_queries=16, split_mode="inpaint", gate_dilation=1, gate_threshold=0.5))
+    logits = torch.full((2, 16), -10.0)
+    logits[0, 5] = 10.0  # tumour image 0: one confident token at row 1, column 1; image 1: none
+    blocks = torch.zeros(3, 17)
+    blocks[:, 0] = 1.0
+    masks = transplanted_gates(split, logits, blocks)
+    cross = torch.zeros(4, 4)
+    cross[1, 1] = cross[0, 1] = cross[2, 1] = cross[1, 0] = cross[1, 2] = 1.0
+    assert torch.equal(masks[0, :16], cross.flatten()) and torch.equal(masks[2], masks[0])
+    assert torch.equal(masks[1], blocks[1]) and masks[:, 16].sum() == 0  # never the intensity token
+    with pytest.raises(ConfigError, match="inpaint_masks"):
+        tiny(inpaint_masks="circles")
+    with pytest.raises(ConfigError, match="gate_threshold > 0"):
+        tiny(inpaint_masks="gates", gate_threshold=0.0)
 
 
 def test_salient_support_is_the_image_cell_of_each_gated_token():

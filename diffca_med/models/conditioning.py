@@ -251,17 +251,22 @@ class CrossQuery(nn.Module):
 
 
 class IntensityToken(nn.Module):
-    """One token (B, 1, D) from per-modality soft histograms of the foreground.
+    """One token (B, 1, D) from per-modality intensity statistics of the foreground.
 
     Foreground = pixels above 1 % (the store's images are zero outside the brain).
-    Each modality gets a Gaussian-kernel histogram over ``intensity_bins`` centres in
-    [0, 1] plus its mean and standard deviation; a 1-D CNN over bins mixes them.
+    ``intensity_statistics`` ``histogram``: a Gaussian-kernel histogram over
+    ``intensity_bins`` centres in [0, 1] plus mean and standard deviation per modality;
+    ``quantiles``: ``intensity_bins`` quantiles from the 10th to the 90th percentile plus
+    median and interquartile range (robust to a small lesion's tail). A 1-D CNN over the
+    bins mixes the modalities.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         bins = config.intensity_bins
+        self.kind = config.intensity_statistics
         self.register_buffer("centres", torch.linspace(0.0, 1.0, bins), persistent=False)
+        self.register_buffer("levels", torch.linspace(0.1, 0.9, bins), persistent=False)
         self.width = 1.0 / bins
         c = config.in_channels
         self.conv = nn.Sequential(
@@ -273,9 +278,12 @@ class IntensityToken(nn.Module):
         )
 
     def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Soft histograms (B, C, bins) and moments (B, 2C) of the foreground."""
+        """Per-modality profile (B, C, bins) and two summaries (B, 2C) of the foreground:
+        soft histogram, mean and standard deviation; or quantiles, median and IQR."""
         flat = x.flatten(2)  # (B, C, N)
         fg = (flat.amax(dim=1, keepdim=True) > 0.01).float()  # (B, 1, N)
+        if self.kind == "quantiles":
+            return self._quantiles(flat, fg > 0)
         w = fg / fg.sum(dim=2, keepdim=True).clamp_min(1.0)
         k = torch.exp(-0.5 * ((flat.unsqueeze(-1) - self.centres) / self.width) ** 2)  # (B,C,N,bins)
         hist = (k * w.unsqueeze(-1)).sum(dim=2)
@@ -284,10 +292,19 @@ class IntensityToken(nn.Module):
         var = ((flat - mean.unsqueeze(-1)) ** 2 * w).sum(dim=2)
         return hist, torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
 
+    def _quantiles(self, flat: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # background as NaN so that nanquantile sees only the foreground; an empty slice → 0
+        vals = flat.masked_fill(~fg, float("nan"))
+        levels = torch.cat([self.levels, self.levels.new_tensor([0.25, 0.5, 0.75])])
+        q = torch.nanquantile(vals, levels, dim=2).permute(1, 2, 0).nan_to_num(0.0)  # (B, C, bins+3)
+        profile, (q25, q50, q75) = q[..., :-3], q[..., -3:].unbind(-1)
+        return profile, torch.cat([q50, q75 - q25], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hist, moments = self.statistics(x)
-        h = self.conv(hist * hist.shape[-1]).flatten(1)
-        return self.mlp(torch.cat([h, moments * 4.0], dim=1)).unsqueeze(1)
+        profile, summary = self.statistics(x)
+        scale = profile.shape[-1] if self.kind == "histogram" else 4.0  # unit-order inputs
+        h = self.conv(profile * scale).flatten(1)
+        return self.mlp(torch.cat([h, summary * 4.0], dim=1)).unsqueeze(1)
 
 
 class ConditioningEncoder(nn.Module):

@@ -21,7 +21,7 @@ CANONICAL_MODALITIES = ("t1", "t1c", "t2", "flair")
 #: Fields that shape only stage 2 (the split, adversary and their losses): a new stage-2
 #: run on top of a trained stage 1 takes these from the YAML, the rest from stage 1.
 STAGE2_FIELDS = (
-    "split_mode", "gate_dilation", "gate_threshold", "w_detect", "w_inpaint", "w_salient_rec", "adversarial_fill", "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
+    "split_mode", "gate_dilation", "gate_threshold", "inpaint_masks", "w_detect", "w_inpaint", "w_salient_rec", "adversarial_fill", "salient_dim", "split_depth", "adversary_hidden", "adversary_pooling", "grl_init", "grl_min",
     "grl_max", "grl_gain", "grl_target", "grl_ema", "grl_warmup_steps", "w_token_rec", "w_bg_salient",
     "w_adv", "w_denoise", "w_mmd", "w_salient_cls",
 )
@@ -81,7 +81,14 @@ class ModelConfig:
     """Self-attention between the queries (off: token k depends only on its window)."""
     attention_heads: int = 4
     intensity_bins: int = 16
-    """Soft-histogram bins per modality for the intensity token."""
+    """Soft-histogram bins (or quantiles) per modality for the intensity token."""
+    intensity_statistics: str = "histogram"
+    """What the intensity token summarises per modality over the brain: ``histogram``
+    (soft histogram + mean and standard deviation) or ``quantiles`` (``intensity_bins``
+    quantiles from the 10th to the 90th percentile + median and interquartile range).
+    Quantiles describe the same contrast but barely move with a lesion of a few percent
+    of the slice, whose bright or dark tail a histogram shows plainly; the intensity
+    token is never split in stage 2, so what it shows of the lesion stays in Ẑ_C."""
 
     # --- denoiser ---------------------------------------------------------------------
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -129,6 +136,12 @@ class ModelConfig:
     (lesion borders; the cross costs less healthy tissue than a 3 × 3 square)."""
     gate_threshold: float = 0.0
     """``inpaint``: at inference, token gates below this are set to 0 (before dilation)."""
+    inpaint_masks: str = "blocks"
+    """``inpaint``: what the in-painter learns to fill on healthy images: ``blocks``
+    (one random square of 1–4 grid tokens) or ``gates`` (the thresholded, dilated gate of
+    a tumour image of the same batch, so it trains on the shapes and sizes it fills in use;
+    blocks where the batch has no tumour image or that gate is empty; needs
+    ``gate_threshold`` > 0)."""
     w_detect: float = 1.0
     """``inpaint``: multiple-instance loss of the token detector from image labels."""
     w_inpaint: float = 1.0
@@ -240,6 +253,12 @@ class ModelConfig:
         for c in list(self.unet_channels) + list(self.scratch_channels):
             if c % self.norm_groups:
                 bad("norm_groups", f"must divide every channel width (got {c})")
+        if self.inpaint_masks not in ("blocks", "gates"):
+            bad("inpaint_masks", f"must be 'blocks' or 'gates', got {self.inpaint_masks!r}")
+        if self.inpaint_masks == "gates" and self.gate_threshold <= 0:
+            bad("inpaint_masks", "'gates' needs gate_threshold > 0 (an unthresholded gate covers every token)")
+        if self.intensity_statistics not in ("histogram", "quantiles"):
+            bad("intensity_statistics", f"must be 'histogram' or 'quantiles', got {self.intensity_statistics!r}")
         if self.backbone_norm not in ("group", "channel"):
             bad("backbone_norm", f"must be 'group' or 'channel', got {self.backbone_norm!r}")
         if self.split_mode not in ("additive", "inpaint"):

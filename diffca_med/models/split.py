@@ -100,8 +100,9 @@ class InpaintSplitEncoder(nn.Module):
       grey-dilated ``gate_dilation`` times by the 4-neighbour cross to cover lesion
       borders; 0 on the intensity token;
     * in-painter: a transformer over tokens whose gated entries are replaced by a learnt
-      mask token; trained on healthy images only (random square blocks masked), so what
-      it fills in is healthy tissue that fits the surroundings;
+      mask token; trained on healthy images only (random square blocks masked, or the
+      batch's tumour gates with ``inpaint_masks: gates``), so what it fills in is healthy
+      tissue that fits the surroundings;
     * Ẑ_C = (1−g)·Z + g·fill, Ẑ_S = Z − Ẑ_C = g·(Z − fill): exactly additive;
     * salient embedding s (B, d): a CLS token attending to the salient tokens *without*
       positions (s describes what the lesion is more than where it is), projected to d;
@@ -214,6 +215,17 @@ def random_blocks(n: int, side: int, n_tokens: int, generator: torch.Generator |
         blocks[i, r:r + k, c:c + k] = 1
     mask = torch.cat([blocks.flatten(1), torch.zeros(n, n_tokens - side * side)], dim=1)
     return mask.to(device)
+
+
+def transplanted_gates(split: "InpaintSplitEncoder", tumour_logits: torch.Tensor,
+                       blocks: torch.Tensor) -> torch.Tensor:
+    """In-painting masks (N, T) for N healthy images: the thresholded, dilated gates of
+    the tumour images' token logits (M, K), cycled over the N rows; a row whose gate is
+    empty keeps its random block from ``blocks`` (N, T)."""
+    gates = split.gate_from_logits(tumour_logits, sparse=True)
+    gates = (gates > 0).float()[torch.arange(blocks.shape[0], device=blocks.device) % gates.shape[0]]
+    empty = gates.sum(dim=1, keepdim=True) == 0
+    return torch.where(empty, blocks, gates)
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -344,7 +356,8 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
     floats). The adversary's own loss and the reversed gradient to E both come from
     the single ``adv`` term through :func:`grad_reverse`. The in-painting split adds
     ``detect`` (image logit = log-mean-exp of the token logits vs the label),
-    ``inpaint`` (masked-token MSE on healthy images, random blocks from ``generator``)
+    ``inpaint`` (masked-token MSE on healthy images, random blocks from ``generator`` or
+    :func:`transplanted_gates`)
     and ``salient_rec`` (the salient summary decoded back from s); with
     ``config.adversarial_fill`` the ``adv`` and ``mmd`` terms see Ẑ_C with a live fill.
     """
@@ -382,6 +395,8 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
         if bg.any():
             zh = tokens[bg]
             mask = random_blocks(zh.shape[0], split.side, zh.shape[1], generator, zh.device)
+            if config.inpaint_masks == "gates" and tg.any():
+                mask = transplanted_gates(split, out.gate_logits[tg].detach(), mask)
             err = (split.inpaint(zh, mask) - zh).pow(2).mean(-1)
             terms["inpaint"] = (err * mask).sum() / mask.sum()
         summary = split.salient_summary(out.salient, out.gate).detach()
