@@ -258,7 +258,7 @@ def test_gate_shaped_inpainting_masks_follow_the_tumour_gates():
     with pytest.raises(ConfigError, match="inpaint_masks"):
         tiny(inpaint_masks="circles")
     with pytest.raises(ConfigError, match="gate_threshold > 0"):
-        tiny(inpaint_masks="gates", gate_threshold=0.0)
+        tiny(n_queries=16, split_mode="inpaint", inpaint_masks="gates", gate_threshold=0.0)
 
 
 def test_salient_support_is_the_image_cell_of_each_gated_token():

@@ -255,7 +255,7 @@ class ModelConfig:
                 bad("norm_groups", f"must divide every channel width (got {c})")
         if self.inpaint_masks not in ("blocks", "gates"):
             bad("inpaint_masks", f"must be 'blocks' or 'gates', got {self.inpaint_masks!r}")
-        if self.inpaint_masks == "gates" and self.gate_threshold <= 0:
+        if self.split_mode == "inpaint" and self.inpaint_masks == "gates" and self.gate_threshold <= 0:
             bad("inpaint_masks", "'gates' needs gate_threshold > 0 (an unthresholded gate covers every token)")
         if self.intensity_statistics not in ("histogram", "quantiles"):
             bad("intensity_statistics", f"must be 'histogram' or 'quantiles', got {self.intensity_statistics!r}")
