@@ -20,7 +20,7 @@ Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
   (target ≥ 0.9) and from the common tokens averaged over tokens (target ≤ 0.65),
   beside the same probe on Z and on the slice position alone (axial index + brain
   area: a confound the common anatomy legitimately carries), and both again on
-  position-matched subsets (per bin of ``store.axial_position``, 8 bins, as many
+  position-matched subsets (per bin of ``store.axial_bins(8)``, as many
   healthy as tumour slices; mean over 5 draws) where position predicts nothing, to
   split a common-part leak into anatomy-by-position and lesion; the salient probe again
   without the lesion-fringe slices (tumour on < 3 % of the slice), to show where it
@@ -143,15 +143,13 @@ def fresh_adversary(model, store, test_c: torch.Tensor, test_y: np.ndarray, step
             "fresh_adversary_bacc": float(balanced_accuracy_score(test_y, pred))}
 
 
-def position_matched(position: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                     bins: int = 8) -> np.ndarray:
+def position_matched(b: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices of a subset with equal healthy and tumour counts in every position bin.
 
-    ``position`` (N,) in [0, 1] (``SliceStore.axial_position``), ``labels`` (N,) 1 = tumour.
+    ``b`` (N,) axial-position bins (``SliceStore.axial_bins``), ``labels`` (N,) 1 = tumour.
     """
-    b = np.minimum((position * bins).astype(int), bins - 1)
     keep = []
-    for k in range(bins):
+    for k in np.unique(b):
         h, t = np.flatnonzero((b == k) & (labels == 0)), np.flatnonzero((b == k) & (labels == 1))
         n = min(len(h), len(t))
         keep += [rng.choice(h, n, replace=False), rng.choice(t, n, replace=False)]
@@ -219,8 +217,8 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
         # lesion-fringe tumour slices (a few oedema pixels) are where a probe fails
         core = ~store.thin_tumour(rows, FRINGE_FRACTION)
         position = index[["slice", "brain_pixels"]].to_numpy(dtype=float)
-        draws = [position_matched(store.axial_position()[rows], labels_all, np.random.default_rng(seed + r))
-                 for r in range(5)]
+        bins = store.axial_bins(8)[rows]
+        draws = [position_matched(bins, labels_all, np.random.default_rng(seed + r)) for r in range(5)]
         out["probes"] = {
             "salient_embedding_bacc": probe(sal),
             "common_pooled_bacc": probe(com),

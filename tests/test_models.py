@@ -243,14 +243,12 @@ def test_adversarial_fill_routes_the_set_losses_to_the_in_painter():
 def test_gate_shaped_inpainting_masks_follow_the_tumour_gates():
     """``inpaint_masks: gates``: healthy images learn to fill the thresholded, dilated
     gates of the batch's tumour images (cycled); an empty gate keeps its random block."""
-    from diffca_med.models.split import transplanted_gates
-
     split = InpaintSplitEncoder(tiny(n_queries=16, split_mode="inpaint", gate_dilation=1, gate_threshold=0.5))
     logits = torch.full((2, 16), -10.0)
     logits[0, 5] = 10.0  # tumour image 0: one confident token at row 1, column 1; image 1: none
     blocks = torch.zeros(3, 17)
     blocks[:, 0] = 1.0
-    masks = transplanted_gates(split, logits, blocks)
+    masks = split.gate_masks(logits, blocks)
     cross = torch.zeros(4, 4)
     cross[1, 1] = cross[0, 1] = cross[2, 1] = cross[1, 0] = cross[1, 2] = 1.0
     assert torch.equal(masks[0, :16], cross.flatten()) and torch.equal(masks[2], masks[0])

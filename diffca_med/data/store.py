@@ -212,6 +212,10 @@ class SliceStore:
         span = np.where(hi > lo, hi - lo, 1.0)
         return np.where(hi > lo, (idx["slice"].to_numpy(dtype=float) - lo) / span, 0.5)
 
+    def axial_bins(self, bins: int) -> np.ndarray:
+        """Each row's :meth:`axial_position` as a bin index 0..bins-1 (N,) int64."""
+        return np.minimum((self.axial_position() * bins).astype(np.int64), bins - 1)
+
     def subject_rows(self, subject: str) -> np.ndarray:
         """All rows of ``subject`` in axial (``slice``) order — the stack :meth:`to_volume` expects."""
         rows = self.rows(labels=None, subject=subject)

@@ -266,7 +266,9 @@ class IntensityToken(nn.Module):
         bins = config.intensity_bins
         self.kind = config.intensity_statistics
         self.register_buffer("centres", torch.linspace(0.0, 1.0, bins), persistent=False)
-        self.register_buffer("levels", torch.linspace(0.1, 0.9, bins), persistent=False)
+        # the profile's quantiles, then the quartiles for median and IQR
+        levels = torch.cat([torch.linspace(0.1, 0.9, bins), torch.tensor([0.25, 0.5, 0.75])])
+        self.register_buffer("levels", levels, persistent=False)
         self.width = 1.0 / bins
         c = config.in_channels
         self.conv = nn.Sequential(
@@ -295,8 +297,7 @@ class IntensityToken(nn.Module):
     def _quantiles(self, flat: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # background as NaN so that nanquantile sees only the foreground; an empty slice → 0
         vals = flat.masked_fill(~fg, float("nan"))
-        levels = torch.cat([self.levels, self.levels.new_tensor([0.25, 0.5, 0.75])])
-        q = torch.nanquantile(vals, levels, dim=2).permute(1, 2, 0).nan_to_num(0.0)  # (B, C, bins+3)
+        q = torch.nanquantile(vals, self.levels, dim=2).permute(1, 2, 0).nan_to_num(0.0)  # (B, C, bins+3)
         profile, (q25, q50, q75) = q[..., :-3], q[..., -3:].unbind(-1)
         return profile, torch.cat([q50, q75 - q25], dim=1)
 

@@ -150,6 +150,15 @@ class InpaintSplitEncoder(nn.Module):
             g = cross_dilate(g.view(-1, self.side, self.side), self.dilation).flatten(1)
         return torch.cat([g, g.new_zeros(g.shape[0], 1)], dim=1)
 
+    def gate_masks(self, tumour_logits: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """In-painting masks (N, T) for N healthy images (``inpaint_masks: gates``): the
+        thresholded, dilated gates of the tumour images' token logits (M, K), cycled over
+        the N rows; a row whose gate is empty keeps its random block from ``blocks`` (N, T)."""
+        gates = (self.gate_from_logits(tumour_logits, sparse=True) > 0).float()
+        gates = gates[torch.arange(blocks.shape[0], device=blocks.device) % gates.shape[0]]
+        empty = gates.sum(dim=1, keepdim=True) == 0
+        return torch.where(empty, blocks, gates)
+
     def inpaint(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Healthy tokens (B, T, D) filling the masked entries of ``tokens`` (mask (B, T) in [0, 1])."""
         h = (1 - mask[..., None]) * tokens + mask[..., None] * self.mask_token
@@ -215,17 +224,6 @@ def random_blocks(n: int, side: int, n_tokens: int, generator: torch.Generator |
         blocks[i, r:r + k, c:c + k] = 1
     mask = torch.cat([blocks.flatten(1), torch.zeros(n, n_tokens - side * side)], dim=1)
     return mask.to(device)
-
-
-def transplanted_gates(split: "InpaintSplitEncoder", tumour_logits: torch.Tensor,
-                       blocks: torch.Tensor) -> torch.Tensor:
-    """In-painting masks (N, T) for N healthy images: the thresholded, dilated gates of
-    the tumour images' token logits (M, K), cycled over the N rows; a row whose gate is
-    empty keeps its random block from ``blocks`` (N, T)."""
-    gates = split.gate_from_logits(tumour_logits, sparse=True)
-    gates = (gates > 0).float()[torch.arange(blocks.shape[0], device=blocks.device) % gates.shape[0]]
-    empty = gates.sum(dim=1, keepdim=True) == 0
-    return torch.where(empty, blocks, gates)
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -357,7 +355,7 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
     the single ``adv`` term through :func:`grad_reverse`. The in-painting split adds
     ``detect`` (image logit = log-mean-exp of the token logits vs the label),
     ``inpaint`` (masked-token MSE on healthy images, random blocks from ``generator`` or
-    :func:`transplanted_gates`)
+    :meth:`InpaintSplitEncoder.gate_masks`)
     and ``salient_rec`` (the salient summary decoded back from s); with
     ``config.adversarial_fill`` the ``adv`` and ``mmd`` terms see Ẑ_C with a live fill.
     """
@@ -396,7 +394,7 @@ def split_losses(split: SplitEncoder | InpaintSplitEncoder, adversary: Adversary
             zh = tokens[bg]
             mask = random_blocks(zh.shape[0], split.side, zh.shape[1], generator, zh.device)
             if config.inpaint_masks == "gates" and tg.any():
-                mask = transplanted_gates(split, out.gate_logits[tg].detach(), mask)
+                mask = split.gate_masks(out.gate_logits[tg].detach(), mask)
             err = (split.inpaint(zh, mask) - zh).pow(2).mean(-1)
             terms["inpaint"] = (err * mask).sum() / mask.sum()
         summary = split.salient_summary(out.salient, out.gate).detach()

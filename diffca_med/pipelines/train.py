@@ -228,8 +228,7 @@ def _position_strata(store, dataset, bins: int) -> np.ndarray | None:
     """Axial-position bin (0..bins-1) of each training slice, or None when ``bins`` is 0."""
     if bins <= 0:
         return None
-    pos = store.axial_position()[dataset.indices]
-    return np.minimum((pos * bins).astype(np.int64), bins - 1)
+    return store.axial_bins(bins)[dataset.indices]
 
 
 def _stage_dataset(store, dataset, min_tumour_fraction: float, name: str):
