@@ -1,7 +1,8 @@
 """Measure a trained Diff-CA model against the issue-3 targets on held-out subjects.
 
     .venv/bin/python benchmarks/model_quality.py RUN/model STORE [--split test]
-        [--n-slices 96] [--steps 20] [--seed 0] [--json OUT.json]
+        [--n-slices 96] [--steps 20] [--seed 0] [--truth DEMO/data/derivatives/phantom-truth]
+        [--json OUT.json]
 
 Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
 
@@ -24,7 +25,11 @@ Figures (all on slices of the store's ``--split`` subjects, healthy + tumour):
   healthy as tumour slices; mean over 5 draws) where position predicts nothing, to
   split a common-part leak into anatomy-by-position and lesion; the salient probe again
   without the lesion-fringe slices (tumour on < 3 % of the slice), to show where it
-  fails; the adversary's accuracy on these slices and the controller's GRL weight;
+  fails; with ``--truth`` (the phantom's ``derivatives/phantom-truth`` folder) the
+  same common probe on the **ideal** common part: pooled stage-1 tokens Z where every
+  tumour slice is replaced by the same slice of its true healthy twin (the lesion
+  removed, the anatomy kept), what a perfect split would score with this stage 1;
+  the adversary's accuracy on these slices and the controller's GRL weight;
   a *fresh* adversary (same architecture, trained from scratch on the training
   subjects' Ẑ_C, balanced batches) and its balanced accuracy here: the GRL holds the
   co-trained adversary near chance, this shows what a new classifier still finds;
@@ -157,7 +162,8 @@ def position_matched(b: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 
 
 def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int = 20,
-             seed: int = 0, batch: int = 32, probes: bool = True, reconstruction: bool = True) -> dict:
+             seed: int = 0, batch: int = 32, probes: bool = True, reconstruction: bool = True,
+             truth: Path | None = None) -> dict:
     """All figures of the module docstring as a JSON-ready dict."""
     model.eval()
     rows = store.rows(split=split, labels=("healthy", "tumour"))
@@ -237,7 +243,29 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
             "salient_sq_tumour": float(sal_norm[labels_all == 1].mean()),
             **fresh_adversary(model, store, commons, labels_all, seed=seed),
         }
+        if truth is not None:
+            healed = twin_images(store, rows, labels_all, truth)
+            with torch.no_grad():
+                ideal = torch.cat([model.encode(healed[i:i + batch]).tokens.mean(dim=1)
+                                   for i in range(0, len(healed), batch)]).numpy()
+            out["probes"]["twin_tokens_pooled_bacc"] = probe(ideal)
+            out["probes"]["twin_tokens_pooled_bacc_position_matched"] = float(np.mean([probe(ideal, d) for d in draws]))
     return out
+
+
+def twin_images(store, rows: np.ndarray, labels: np.ndarray, truth: Path) -> torch.Tensor:
+    """Store images (N, C, H, W) of ``rows`` with every tumour row (``labels`` 1) replaced
+    by the same slice of the subject's true healthy twin (``truth``: the phantom's truth folder)."""
+    from diffca_med.pipelines.evaluate import twin_slices
+
+    x = np.asarray(store.images[rows], dtype=np.float32)
+    subjects = store.index["subject"].to_numpy()[rows]
+    for subject in np.unique(subjects[labels == 1]):
+        position = {int(r): i for i, r in enumerate(store.subject_rows(subject))}
+        twin = twin_slices(store, subject, truth)
+        for j in np.flatnonzero((subjects == subject) & (labels == 1)):
+            x[j] = twin[position[int(rows[j])]]
+    return torch.from_numpy(x)
 
 
 TARGETS = {
@@ -258,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="seed of noise, slice choice, folds")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--truth", type=Path, default=None,
+                    help="the phantom's truth folder (DATA/derivatives/phantom-truth): also probe the ideal common part")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -279,7 +309,11 @@ def main(argv: list[str] | None = None) -> int:
               f"needs {model.config.modalities} at {model.config.image_size} px", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    res = evaluate(model, store, args.split, args.n_slices, args.steps, args.seed)
+    try:
+        res = evaluate(model, store, args.split, args.n_slices, args.steps, args.seed, truth=args.truth)
+    except DiffCAError as err:  # e.g. a twin missing from --truth
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     res["model"], res["store"], res["seconds"] = str(args.model), str(args.store), time.perf_counter() - t0
     res["targets"] = {}
     for name, check in TARGETS.items():
