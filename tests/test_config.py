@@ -63,6 +63,7 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("stage1: 3\n", "'stage1' must be a mapping"),
         ("stage1:\n  batch_size: 0\n", "'stage1.batch_size' must be >= 1"),
         ("stage2:\n  min_tumour_fraction: 1.5\n", "'stage2.min_tumour_fraction' must be in [0, 1)"),
+        ("stage0:\n  ema_decay: 0.99\n", "'stage0.ema_decay': stage 0 (the autoencoder) keeps no EMA"),
         ("data:\n  size: 64\nmodel:\n  image_size: 32\n", "disagrees with 'data.size'"),
         ("stage1: [\n", "YAML syntax error"),
     ],

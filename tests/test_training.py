@@ -288,6 +288,23 @@ def test_two_cpu_processes_ddp_gloo(tmp_path):
     DiffCAModel.from_pretrained(tmp_path / "run" / "model")
 
 
+def test_stage2_ema_averages_the_split_encoder_only(tiny_store, tmp_path):
+    """stage2.ema_decay keeps an EMA of E (detector, in-painter, summariser) and ends with
+    it in the model; stage 1 and the adversary follow the same trajectory either way."""
+    averaged = tiny_cfg(model__split_mode="inpaint", stage2__ema_decay=0.5, stage2__steps=4)
+    plain = tiny_cfg(model__split_mode="inpaint", stage2__steps=4)
+    train(tiny_store, plain, tmp_path / "plain", progress=False)
+    train(tiny_store, averaged, tmp_path / "ema", progress=False)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ema")
+    assert a.keys() == b.keys()
+    split = [k for k in a if k.startswith("split.")]
+    moved = [k for k in split if not torch.equal(a[k], b[k])]
+    assert split and len(moved) >= 0.9 * len(split), sorted(set(split) - set(moved))
+    for k in a:
+        if k.startswith(("denoiser.", "conditioner.", "adversary.")):
+            assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.slow
 def test_latent_model_trains_stage0_then_1_and_2(tiny_store, tmp_path):
     """Latent space: --stage all runs the autoencoder (stage 0) first; its grid shows AE recon."""

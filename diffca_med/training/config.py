@@ -70,7 +70,7 @@ class StageConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float | None = 1.0  # None = no clipping
-    ema_decay: float | None = None  # EMA of the denoiser (stage 1); None = no EMA
+    ema_decay: float | None = None  # EMA of the denoiser (stage 1) or split encoder E (stage 2); None = no EMA
     ema_update_after_step: int = 0
     checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
     log_every: int = 10  # steps between CSV log rows / progress-bar updates
@@ -271,6 +271,8 @@ def _check_stage(stage: StageConfig, name: str, source: str) -> None:
         raise ConfigError(f"{source}: '{name}.lr' and '{name}.warmup_start_lr' must be > 0")
     if stage.ema_decay is not None and not 0.0 < stage.ema_decay < 1.0:
         raise ConfigError(f"{source}: '{name}.ema_decay' must be in (0, 1), got {stage.ema_decay}")
+    if stage.ema_decay is not None and name == "stage0":
+        raise ConfigError(f"{source}: '{name}.ema_decay': stage 0 (the autoencoder) keeps no EMA")
     if len(stage.betas) != 2 or not all(0.0 <= b < 1.0 for b in stage.betas):
         raise ConfigError(f"{source}: '{name}.betas' must be two numbers in [0, 1)")
     if not 0.0 <= stage.min_tumour_fraction < 1.0:

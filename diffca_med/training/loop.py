@@ -4,7 +4,7 @@ The stage decides only *what* is trained (``model.set_stage``,
 ``model.trainable_parameters``) and *which loss* (``model.stage_loss``); the loop does
 the rest the same way for stages 0, 1 and 2: devices and DDP (Accelerate), bf16
 autocast on GPU, gradient accumulation, a linear learning-rate warm-up then constant,
-an EMA of the denoiser (stage 1), a progress bar with loss and images/second, the CSV
+an EMA of the denoiser (stage 1) or of the split encoder E (stage 2), a progress bar with loss and images/second, the CSV
 log, sample grids and atomic checkpoints.
 
 Determinism: every micro-batch's slice indices, noise and timesteps are drawn from
@@ -151,8 +151,8 @@ def train_stage(
     training continues at its step. ``sample_images`` (B, C, H, W): held-out slices
     for the sample grids. Writes checkpoints, ``logs/stage<N>.csv`` and
     ``samples/stage<N>-step<NNNNNNN>.png`` under ``run_dir``; returns a
-    :class:`StageResult`. The model ends with the EMA weights in its denoiser when an
-    EMA is kept. ``stop_at_step``: end the session after that step with an unfinished
+    :class:`StageResult`. The model ends with the EMA weights in its denoiser (stage 1)
+    or split encoder (stage 2) when an EMA is kept. ``stop_at_step``: end the session after that step with an unfinished
     checkpoint, exactly as a run killed right after checkpointing there (``--resume``
     continues it); the result then has ``interrupted=True``. ``strata`` (N,): bins the
     balanced batches pair tumour with healthy slices by (see ``StepBatchSampler``).
@@ -172,10 +172,12 @@ def train_stage(
     optimizer = torch.optim.AdamW(groups, lr=sc.lr, betas=tuple(sc.betas), weight_decay=sc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(sc))
     ema = None
-    if stage == 1 and sc.ema_decay is not None:
+    # the averaged part: the denoiser in stage 1, the split encoder E in stage 2
+    averaged = {1: model.denoiser, 2: model.split}.get(stage)
+    if averaged is not None and sc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(model.denoiser.parameters(), decay=sc.ema_decay, update_after_step=sc.ema_update_after_step)
+        ema = EMAModel(averaged.parameters(), decay=sc.ema_decay, update_after_step=sc.ema_update_after_step)
         ema.to(device)
 
     start = 0
@@ -248,7 +250,7 @@ def train_stage(
 
     def samples(step: int) -> None:
         if main and sample_images is not None and sc.sample_count > 0:
-            params = list(model.denoiser.parameters()) if ema is not None else []
+            params = list(averaged.parameters()) if ema is not None else []
             if ema is not None:
                 ema.store(params)
                 ema.copy_to(params)
@@ -287,7 +289,7 @@ def train_stage(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(model.denoiser.parameters())
+            ema.step(averaged.parameters())
         done = step + 1
         bar.update(1)
 
@@ -325,7 +327,7 @@ def train_stage(
     bar.close()
 
     if ema is not None and start < sc.steps:
-        ema.copy_to(model.denoiser.parameters())
+        ema.copy_to(averaged.parameters())
     seconds = time.perf_counter() - t_begin
     if start < sc.steps:
         checkpoint(sc.steps, complete=True)
