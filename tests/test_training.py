@@ -45,8 +45,8 @@ TINY = {
     },
     "stage1": {"steps": 3, "batch_size": 4, "grad_accum": 2, "warmup_steps": 2, "ema_decay": 0.9,
                "checkpoint_every": 1, "log_every": 1, "sample_every": 2, "sample_count": 2, "sample_steps": 2},
-    "stage2": {"steps": 3, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1,
-               "sample_count": 2, "sample_steps": 2, "match_position_bins": 2},
+    "stage2": {"steps": 3, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 1,
+               "log_every": 1, "sample_count": 2, "sample_steps": 2, "match_position_bins": 2},
 }
 
 
@@ -292,7 +292,7 @@ def test_stage2_ema_averages_the_split_encoder_only(tiny_store, tmp_path):
     """stage2.ema_decay keeps an EMA of E (detector, in-painter, summariser) and ends with
     it in the model; stage 1 and the adversary follow the same trajectory either way."""
     averaged = tiny_cfg(model__split_mode="inpaint", stage2__ema_decay=0.5, stage2__steps=4)
-    plain = tiny_cfg(model__split_mode="inpaint", stage2__steps=4)
+    plain = tiny_cfg(model__split_mode="inpaint", stage2__ema_decay=None, stage2__steps=4)
     train(tiny_store, plain, tmp_path / "plain", progress=False)
     train(tiny_store, averaged, tmp_path / "ema", progress=False)
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "ema")

@@ -4,8 +4,8 @@ The stage decides only *what* is trained (``model.set_stage``,
 ``model.trainable_parameters``) and *which loss* (``model.stage_loss``); the loop does
 the rest the same way for stages 0, 1 and 2: devices and DDP (Accelerate), bf16
 autocast on GPU, gradient accumulation, a linear learning-rate warm-up then constant,
-an EMA of the denoiser (stage 1) or of the split encoder E (stage 2), a progress bar with loss and images/second, the CSV
-log, sample grids and atomic checkpoints.
+an EMA of the denoiser (stage 1) or of the split encoder E (stage 2), a progress bar
+with loss and images/second, the CSV log, sample grids and atomic checkpoints.
 
 Determinism: every micro-batch's slice indices, noise and timesteps are drawn from
 (seed, stage, step, micro-batch, process) (see :mod:`diffca_med.training.batches`), so a
@@ -152,9 +152,9 @@ def train_stage(
     for the sample grids. Writes checkpoints, ``logs/stage<N>.csv`` and
     ``samples/stage<N>-step<NNNNNNN>.png`` under ``run_dir``; returns a
     :class:`StageResult`. The model ends with the EMA weights in its denoiser (stage 1)
-    or split encoder (stage 2) when an EMA is kept. ``stop_at_step``: end the session after that step with an unfinished
-    checkpoint, exactly as a run killed right after checkpointing there (``--resume``
-    continues it); the result then has ``interrupted=True``. ``strata`` (N,): bins the
+    or split encoder (stage 2) when an EMA is kept. ``stop_at_step``: end the session
+    after that step with an unfinished checkpoint, exactly as a run killed right after
+    checkpointing there (``--resume`` continues it); the result then has ``interrupted=True``. ``strata`` (N,): bins the
     balanced batches pair tumour with healthy slices by (see ``StepBatchSampler``).
     """
     sc = cfg.stage(stage)
