@@ -173,7 +173,7 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(sc))
     ema = None
     # the averaged part: the denoiser in stage 1, the split encoder E in stage 2
-    averaged = {1: model.denoiser, 2: model.split}.get(stage)
+    averaged = model.denoiser if stage == 1 else model.split if stage == 2 else None  # CFG has no split
     if averaged is not None and sc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
