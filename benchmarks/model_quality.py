@@ -245,9 +245,7 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
         }
         if truth is not None:
             healed = twin_images(store, rows, labels_all, truth)
-            with torch.no_grad():
-                ideal = torch.cat([model.encode(healed[i:i + batch]).tokens.mean(dim=1)
-                                   for i in range(0, len(healed), batch)]).numpy()
+            ideal = batched(lambda b: model.encode(b).tokens.mean(dim=1), healed, batch).numpy()
             out["probes"]["twin_tokens_pooled_bacc"] = probe(ideal)
             out["probes"]["twin_tokens_pooled_bacc_position_matched"] = float(np.mean([probe(ideal, d) for d in draws]))
     return out
@@ -256,15 +254,13 @@ def evaluate(model, store, split: str = "test", n_slices: int = 96, steps: int =
 def twin_images(store, rows: np.ndarray, labels: np.ndarray, truth: Path) -> torch.Tensor:
     """Store images (N, C, H, W) of ``rows`` with every tumour row (``labels`` 1) replaced
     by the same slice of the subject's true healthy twin (``truth``: the phantom's truth folder)."""
-    from diffca_med.pipelines.evaluate import twin_slices
+    from diffca_med.pipelines.evaluate import twin_rows
 
     x = np.asarray(store.images[rows], dtype=np.float32)
     subjects = store.index["subject"].to_numpy()[rows]
     for subject in np.unique(subjects[labels == 1]):
-        position = {int(r): i for i, r in enumerate(store.subject_rows(subject))}
-        twin = twin_slices(store, subject, truth)
-        for j in np.flatnonzero((subjects == subject) & (labels == 1)):
-            x[j] = twin[position[int(rows[j])]]
+        sel = (subjects == subject) & (labels == 1)
+        x[sel] = twin_rows(store, subject, rows[sel], truth)
     return torch.from_numpy(x)
 
 

@@ -75,6 +75,9 @@ class CFGDiffusion(nn.Module):
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         return list(self.parameters())
 
+    def ema_module(self, stage: int) -> nn.Module | None:
+        return self.denoiser if stage == 1 else None
+
     def stage_loss(self, stage: int, images: torch.Tensor, labels: torch.Tensor,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Denoising loss with the class dropped to null with probability ``p_uncond``.

@@ -204,6 +204,11 @@ class DiffCAModel(nn.Module):
             params += list(m.parameters())
         return params
 
+    def ema_module(self, stage: int) -> nn.Module | None:
+        """The part the training loop keeps an EMA of in ``stage`` (when the stage's
+        ``ema_decay`` is set): the denoiser in stage 1, the split encoder E in stage 2."""
+        return {1: self.denoiser, 2: self.split}.get(stage)
+
     def set_stage(self, stage: int) -> None:
         """Freeze everything but ``stage``'s parts; those go to train mode, the rest eval."""
         trainable = {id(p) for p in self.trainable_parameters(stage)}

@@ -151,6 +151,13 @@ def twin_slices(store: SliceStore, subject: str, truth_root: str | Path) -> np.n
     return np.ascontiguousarray(slices * mask[:, None])
 
 
+def twin_rows(store: SliceStore, subject: str, rows: np.ndarray, truth_root: str | Path) -> np.ndarray:
+    """:func:`twin_slices` of ``subject`` at the store ``rows`` (all of that subject):
+    ``(len(rows), C, H, W)``, row ``i`` the twin of stored slice ``rows[i]``."""
+    position = {int(r): i for i, r in enumerate(store.subject_rows(subject))}
+    return twin_slices(store, subject, truth_root)[[position[int(r)] for r in rows]]
+
+
 # ----------------------------------------------------------------- method loading
 @dataclass
 class SamplingOptions:
@@ -274,9 +281,7 @@ def _counterfactual_metrics(
         rec = {"subject": s, "healthy_psnr": fid["psnr"], "healthy_ssim": fid["ssim"],
                "tumour_pixels": int(tumour[sel].sum())}
         if truth is not None and tumour[sel].any():
-            twin_all = twin_slices(store, s, truth)
-            position = {int(r): i for i, r in enumerate(store.subject_rows(s))}
-            twin = twin_all[[position[int(r)] for r in rows[sel]]][:, ch]
+            twin = twin_rows(store, s, rows[sel], truth)[:, ch]
             m_ph, m_id = [], []
             for c in range(len(ch)):
                 m_ph.append(M.inpainting_metrics(ph[sel][:, c], twin[:, c], images[sel][:, c], tumour[sel]))

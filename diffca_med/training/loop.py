@@ -1,11 +1,12 @@
 """One Accelerate training loop for every stage of Diff-CA.
 
 The stage decides only *what* is trained (``model.set_stage``,
-``model.trainable_parameters``) and *which loss* (``model.stage_loss``); the loop does
-the rest the same way for stages 0, 1 and 2: devices and DDP (Accelerate), bf16
-autocast on GPU, gradient accumulation, a linear learning-rate warm-up then constant,
-an EMA of the denoiser (stage 1) or of the split encoder E (stage 2), a progress bar
-with loss and images/second, the CSV log, sample grids and atomic checkpoints.
+``model.trainable_parameters``, ``model.ema_module``) and *which loss*
+(``model.stage_loss``); the loop does the rest the same way for stages 0, 1 and 2:
+devices and DDP (Accelerate), bf16 autocast on GPU, gradient accumulation, a linear
+learning-rate warm-up then constant, an EMA of the stage's ``ema_module`` (Diff-CA:
+the denoiser in stage 1, the split encoder E in stage 2), a progress bar with loss and
+images/second, the CSV log, sample grids and atomic checkpoints.
 
 Determinism: every micro-batch's slice indices, noise and timesteps are drawn from
 (seed, stage, step, micro-batch, process) (see :mod:`diffca_med.training.batches`), so a
@@ -151,11 +152,12 @@ def train_stage(
     training continues at its step. ``sample_images`` (B, C, H, W): held-out slices
     for the sample grids. Writes checkpoints, ``logs/stage<N>.csv`` and
     ``samples/stage<N>-step<NNNNNNN>.png`` under ``run_dir``; returns a
-    :class:`StageResult`. The model ends with the EMA weights in its denoiser (stage 1)
-    or split encoder (stage 2) when an EMA is kept. ``stop_at_step``: end the session
-    after that step with an unfinished checkpoint, exactly as a run killed right after
-    checkpointing there (``--resume`` continues it); the result then has ``interrupted=True``. ``strata`` (N,): bins the
-    balanced batches pair tumour with healthy slices by (see ``StepBatchSampler``).
+    :class:`StageResult`. The model ends with the EMA weights in ``model.ema_module(stage)``
+    when an EMA is kept. ``stop_at_step``: end the session after that step with an
+    unfinished checkpoint, exactly as a run killed right after checkpointing there
+    (``--resume`` continues it); the result then has ``interrupted=True``. ``strata``
+    (N,): bins the balanced batches pair tumour with healthy slices by (see
+    ``StepBatchSampler``).
     """
     sc = cfg.stage(stage)
     run_dir = Path(run_dir)
@@ -172,8 +174,7 @@ def train_stage(
     optimizer = torch.optim.AdamW(groups, lr=sc.lr, betas=tuple(sc.betas), weight_decay=sc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(sc))
     ema = None
-    # the averaged part: the denoiser in stage 1, the split encoder E in stage 2
-    averaged = model.denoiser if stage == 1 else model.split if stage == 2 else None  # CFG has no split
+    averaged = model.ema_module(stage)  # the part this stage keeps an EMA of, if any
     if averaged is not None and sc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
