@@ -21,7 +21,8 @@ healthy twins). For each seed S the sweep
    step 100 and the share of logged steps inside 0.5 ± 0.1.
 
 Designs are chosen on the validation subjects; the test rows are for the report. A seed
-whose folder already holds its figures is not retrained (delete the folder to redo it).
+whose folder already holds its figures (made with the same ``--set``) is not retrained; a
+folder left without them by an interrupted sweep is deleted and redone.
 Prints a markdown table, one row per seed, and the mean.
 """
 
@@ -85,7 +86,11 @@ def one_seed(demo: Path, run: Path, seed: int, overrides: list[str], ph_split: s
 
     cached = run / "sweep.json"
     if cached.is_file():
-        return json.loads(cached.read_text())
+        figures = json.loads(cached.read_text())
+        if figures["set"] != overrides:
+            raise SystemExit(f"{run}: made with --set {' '.join(figures['set']) or '(none)'}; "
+                             "use another --name or delete the folder")
+        return figures
     stage1 = last_complete(demo / "run", before_stage=2)
     if stage1 is None or stage1.stage != 1:
         raise SystemExit(f"{demo / 'run'}: no finished stage-1 checkpoint")
