@@ -8,13 +8,15 @@ stage 1, over several seeds, and measure what one stage-2 change trades.
 checkpoint, the store and the resolved ``config.yaml``; its ``data/`` the phantom's true
 healthy twins). For each seed S the sweep
 
-1. copies the run's final stage-1 checkpoint into ``WORK/NAME-sS/checkpoints`` and runs
-   ``diffca-med train STORE --config DEMO/run/config.yaml --stage 2 --out WORK/NAME-sS
-   --set training.seed=S [--set ...]`` (stage 1 stays bit-identical, only the split changes);
+1. copies the run's final stage-1 checkpoint into ``WORK/NAME-sS/checkpoints`` and trains
+   stage 2 there with ``DEMO/run/config.yaml``, ``training.seed=S`` and the ``--set``
+   overrides, as ``diffca-med train STORE --stage 2`` does (stage 1 stays bit-identical,
+   only the split changes);
 2. measures the stage-2 probes of ``model_quality.py`` (salient embedding, pooled common
    part, the same position-matched, a fresh adversary on Ẑ_C) on the validation and the
    test subjects;
-3. runs ``diffca-med pseudo-healthy`` on the ``--ph-split`` subjects and measures the
+3. makes pseudo-healthy volumes of the ``--ph-split`` subjects with the defaults of
+   ``diffca-med pseudo-healthy`` (batch 64) and measures the
    pseudo-healthy volumes against the true twins with ``counterfactuals.py`` (inside-tumour
    PSNR gain over the unchanged input, PSNR outside);
 4. reads the in-training adversary from ``logs/stage2.csv``: mean batch accuracy after
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,15 +56,6 @@ COLUMNS = [
 ]
 
 
-def run_cli(args: list[str], log: Path) -> None:
-    """Run ``diffca-med ARGS`` with this interpreter; stop with the log's tail on failure."""
-    with log.open("w") as fh:
-        done = subprocess.run([sys.executable, "-m", "diffca_med.cli", *args, "--quiet"], stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode:
-        tail = log.read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"diffca-med {args[0]} failed (see {log}):\n" + "\n".join(tail))
-
-
 def in_training_adversary(log_csv: Path) -> dict:
     import pandas as pd
 
@@ -78,11 +70,14 @@ def one_seed(demo: Path, run: Path, seed: int, overrides: list[str], ph_split: s
     from counterfactuals import measure
     from model_quality import evaluate
 
+    from diffca_med.analysis.counterfactuals import GenerationOptions, run_pseudo_healthy
     from diffca_med.data.phantom_writers import TRUTH_DIR
     from diffca_med.data.store import SliceStore
     from diffca_med.fileio import atomic_write_text
     from diffca_med.models import DiffCAModel
+    from diffca_med.pipelines.train import train
     from diffca_med.training.checkpoint import checkpoint_dir, last_complete
+    from diffca_med.training.config import load_config
 
     cached = run / "sweep.json"
     if cached.is_file():
@@ -99,17 +94,16 @@ def one_seed(demo: Path, run: Path, seed: int, overrides: list[str], ph_split: s
     checkpoint_dir(run).mkdir(parents=True)
     shutil.copytree(stage1.path, checkpoint_dir(run) / stage1.path.name)
     store_dir = demo / "run" / "store"
-    sets = [f"--set=training.seed={seed}", *(f"--set={s}" for s in overrides)]
-    run_cli(["train", str(store_dir), "--config", str(demo / "run" / "config.yaml"), "--stage", "2",
-             "--out", str(run), *sets], run / "train.log")
+    cfg = load_config(demo / "run" / "config.yaml", [f"training.seed={seed}", *overrides])
+    train(store_dir, cfg, run, stage="2", progress=False)
 
     model, store = DiffCAModel.from_pretrained(run / "model"), SliceStore(store_dir)
     figures: dict = {"seed": seed, "set": overrides}
     for split in ("val", "test"):
         figures[split] = evaluate(model, store, split, reconstruction=False, truth=demo / "data" / TRUTH_DIR)["probes"]
     ph = run / f"pseudo-healthy-{ph_split}"
-    run_cli(["pseudo-healthy", str(run / "model"), str(store_dir), str(ph), "--split", ph_split,
-             "--batch-size", "64"], run / "pseudo-healthy.log")
+    run_pseudo_healthy(run / "model", store_dir, ph, split=ph_split, generation=GenerationOptions(batch_size=64),
+                       progress=False)
     cf = measure(demo, ph=ph)
     figures["pseudo_healthy"] = {"split": ph_split, "inside_gain_db": cf["inside_gain_db"],
                                  "outside_psnr_db": cf["psnr_outside_pseudo_healthy"]}
