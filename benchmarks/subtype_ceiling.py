@@ -19,7 +19,10 @@ expected to do better:
   there even where clustering cannot find it;
 * with ``--model``, the same k-means and supervised figures for the model's stage-1
   tokens inside the true tumour (token cells with ≥ 30 % tumour) and for its salient
-  embedding, both averaged over each subject's tumour slices.
+  embedding, both averaged over each subject's tumour slices; and the hand-made lesion
+  features again with the model's salient support (its gated token cells,
+  ``DiffCAModel.salient_support``) in place of the true mask: what the split's
+  localisation leaves of the lesion's own contrast.
 
 All subjects of the store with tumour slices are used (train, val and test): the
 figures describe the data, not a held-out model score.
@@ -43,12 +46,11 @@ from diffca_med.analysis.subgroups import cluster
 FEATURES = ("mean_z", "p95_z", "p5_z", "frac_above", "frac_below")
 
 
-def lesion_features(images: np.ndarray, seg: np.ndarray, brain: np.ndarray) -> np.ndarray:
+def lesion_features(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """(5·C + 1,) features of one subject's tumour slices.
 
-    images (N, C, H, W) in store units, seg (N, H, W) labels, brain (N, H, W) mask.
+    images (N, C, H, W) in store units, lesion (N, H, W) bool, brain (N, H, W) mask.
     """
-    lesion = seg > 0
     healthy = (brain > 0) & ~lesion
     feats = []
     for c in range(images.shape[1]):
@@ -57,6 +59,21 @@ def lesion_features(images: np.ndarray, seg: np.ndarray, brain: np.ndarray) -> n
         feats += [z.mean(), np.percentile(z, 95), np.percentile(z, 5), (z > 1.5).mean(), (z < -1.5).mean()]
     feats.append(np.log(lesion.sum()))
     return np.asarray(feats, np.float64)
+
+
+def _subject_features(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray,
+                      subjects: np.ndarray, names: np.ndarray) -> np.ndarray:
+    """(n_subjects, 5·C + 1) lesion features, each subject over its slices where
+    ``lesion`` (N, H, W) bool marks something (the whole brain of all its slices if none does)."""
+    rows = []
+    for s in names:
+        own = subjects == s
+        marked = own & lesion.any(axis=(1, 2))
+        if marked.any():
+            rows.append(lesion_features(images[marked], lesion[marked], brain[marked]))
+        else:  # nothing marked: the whole brain stands in (no lesion contrast to find)
+            rows.append(lesion_features(images[own], brain[own] > 0, brain[own]))
+    return np.stack(rows)
 
 
 def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
@@ -71,8 +88,10 @@ def _supervised(x: np.ndarray, truth: np.ndarray) -> float:
     return float(cross_val_score(LogisticRegression(max_iter=5000), StandardScaler().fit_transform(x), truth, cv=cv).mean())
 
 
-def _model_features(model_path: Path, images: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-slice (N, D) stage-1 tokens inside the true tumour and (N, d) salient embeddings."""
+def _model_features(model_path: Path, images: np.ndarray, seg: np.ndarray
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-slice (N, D) stage-1 tokens inside the true tumour and (N, d) salient
+    embeddings, and the model's salient support (N, H, W) bool."""
     import torch
     import torch.nn.functional as F
 
@@ -81,15 +100,18 @@ def _model_features(model_path: Path, images: np.ndarray, seg: np.ndarray) -> di
     model = DiffCAModel.from_pretrained(model_path).eval()
     k = model.config.n_queries
     side = int(round(k ** 0.5))
-    tok, emb = [], []
+    tok, emb, support = [], [], []
     for i in range(0, len(images), 128):
-        enc = model.encode(torch.from_numpy(images[i:i + 128]))
+        x = torch.from_numpy(images[i:i + 128])
+        enc = model.encode(x)
+        support.append(model.salient_support(x).numpy())
         cells = F.adaptive_avg_pool2d(torch.from_numpy((seg[i:i + 128] > 0).astype(np.float32))[:, None], side)
         w = (cells.flatten(1) >= 0.3).float()
         w[w.sum(1) == 0] = 1.0  # a slice whose tumour fills no cell: average all tokens
         tok.append((enc.tokens[:, :k] * w[..., None]).sum(1) / w.sum(1, keepdim=True))
         emb.append(enc.salient_embedding)
-    return {"stage-1 tokens in true tumour": torch.cat(tok).numpy(), "salient embedding": torch.cat(emb).numpy()}
+    per_slice = {"stage-1 tokens in true tumour": torch.cat(tok).numpy(), "salient embedding": torch.cat(emb).numpy()}
+    return per_slice, np.concatenate(support)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     seg, brain = np.asarray(store.seg[rows]), np.asarray(store.brain[rows])
     names = np.unique(subjects)
     truth = subtypes.reindex(names).to_numpy()
-    feats = np.stack([lesion_features(images[subjects == s], seg[subjects == s], brain[subjects == s]) for s in names])
+    feats = _subject_features(images, seg > 0, brain, subjects, names)
     labels = [f"{m}:{f}" for m in store.modalities for f in FEATURES] + ["log_area"]
 
     best = max((_kmeans_ari(feats[:, list(c)], truth), c) for r in (2, 3)
@@ -124,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         "lesion_features_supervised_accuracy": _supervised(feats, truth),
     }
     if args.model is not None:
-        for name, per_slice in _model_features(args.model, images, seg).items():
-            x = np.stack([per_slice[subjects == s].mean(0) for s in names])
+        per_slice, support = _model_features(args.model, images, seg)
+        for name, values in per_slice.items():
+            x = np.stack([values[subjects == s].mean(0) for s in names])
             result[f"{name}: kmeans_ari"] = _kmeans_ari(x, truth)
             result[f"{name}: supervised_accuracy"] = _supervised(x, truth)
+        gated = _subject_features(images, support & (brain > 0), brain, subjects, names)
+        result["lesion features in salient support: kmeans_ari"] = _kmeans_ari(gated, truth)
+        result["lesion features in salient support: supervised_accuracy"] = _supervised(gated, truth)
     for key, value in result.items():
         print(f"{key}: {round(value, 3) if isinstance(value, float) else value}")
     if args.json is not None:
