@@ -13,6 +13,9 @@ expected to do better:
   log lesion area: 11 features with two channels;
 * k-means with k = 3 (the number of subtypes, given) on the standardised features
   → ARI against the subtype;
+* other label-free clusterings of the same features (GMM and HDBSCAN, k-means with k
+  chosen by silhouette, k-means and GMM on 2, 3 or 5 whitened principal components):
+  whether k-means is merely the wrong tool;
 * the best ARI over every subset of 2 or 3 of those features — chosen *with* the
   subtype labels, so an optimistic ceiling, not an achievable figure;
 * a 5-fold logistic regression (supervised) on all features: the information is
@@ -80,6 +83,19 @@ def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
     return cluster_agreement(truth, cluster(StandardScaler().fit_transform(x), k=3).labels)["ari"]
 
 
+def _other_clusterings(x: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    from sklearn.decomposition import PCA
+
+    z = StandardScaler().fit_transform(x)
+    fits = {"gmm": cluster(z, "gmm", k=3), "hdbscan": cluster(z, "hdbscan"),
+            "kmeans, k by silhouette": cluster(z, "kmeans")}
+    for n in (2, 3, 5):
+        pcs = PCA(n, whiten=True, random_state=0).fit_transform(z)
+        fits[f"kmeans on {n} whitened PCs"] = cluster(pcs, "kmeans", k=3)
+        fits[f"gmm on {n} whitened PCs"] = cluster(pcs, "gmm", k=3)
+    return {name: cluster_agreement(truth, fit.labels)["ari"] for name, fit in fits.items()}
+
+
 def _supervised(x: np.ndarray, truth: np.ndarray) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "lesion_features_best_subset_ari": best[0],
         "lesion_features_best_subset": [labels[i] for i in best[1]],
         "lesion_features_supervised_accuracy": _supervised(feats, truth),
+        "lesion_features_other_clusterings_ari": _other_clusterings(feats, truth),
     }
     if args.model is not None:
         per_slice, support = _model_features(args.model, images, seg)
@@ -155,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         result["lesion features in salient support: kmeans_ari"] = _kmeans_ari(gated, truth)
         result["lesion features in salient support: supervised_accuracy"] = _supervised(gated, truth)
     for key, value in result.items():
+        if isinstance(value, dict):
+            value = {name: round(ari, 3) for name, ari in value.items()}
         print(f"{key}: {round(value, 3) if isinstance(value, float) else value}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
