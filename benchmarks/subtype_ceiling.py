@@ -67,15 +67,15 @@ def lesion_features(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray) -
 def _subject_features(images: np.ndarray, lesion: np.ndarray, brain: np.ndarray,
                       subjects: np.ndarray, names: np.ndarray) -> np.ndarray:
     """(n_subjects, 5·C + 1) lesion features, each subject over its slices where
-    ``lesion`` (N, H, W) bool marks something (the whole brain of all its slices if none does)."""
+    ``lesion`` (N, H, W) bool marks something; all zeros (no contrast, log area 0) for a
+    subject where it marks nothing."""
     rows = []
     for s in names:
-        own = subjects == s
-        marked = own & lesion.any(axis=(1, 2))
+        marked = (subjects == s) & lesion.any(axis=(1, 2))
         if marked.any():
             rows.append(lesion_features(images[marked], lesion[marked], brain[marked]))
-        else:  # nothing marked: the whole brain stands in (no lesion contrast to find)
-            rows.append(lesion_features(images[own], brain[own] > 0, brain[own]))
+        else:
+            rows.append(np.zeros(5 * images.shape[1] + 1))
     return np.stack(rows)
 
 
