@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ph-split", default="val", help="split whose pseudo-healthy volumes are measured (default val)")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args(argv)
+    from diffca_med.fileio import atomic_write_text
+
     if not (args.demo / "run" / "config.yaml").is_file():
         ap.error(f"{args.demo}: not a finished `diffca-med demo` folder (no run/config.yaml)")
     rows = []
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"design {args.name}: {' '.join(args.overrides) or '(the demo config)'}")
     print(table(rows, args.ph_split))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -45,6 +45,7 @@ from sklearn.preprocessing import StandardScaler
 
 from diffca_med.analysis.probes import cluster_agreement
 from diffca_med.analysis.subgroups import cluster
+from diffca_med.fileio import atomic_write_text
 
 FEATURES = ("mean_z", "p95_z", "p5_z", "frac_above", "frac_below")
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             value = {name: round(ari, 3) for name, ari in value.items()}
         print(f"{key}: {round(value, 3) if isinstance(value, float) else value}")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 
